@@ -1,0 +1,1 @@
+"""Source connectors: PostgreSQL logical replication decoding and value conversion."""

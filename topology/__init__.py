@@ -1,0 +1,1 @@
+"""Declarative topology: sources, tables, topics (and later mappings and rules), from YAML."""

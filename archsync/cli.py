@@ -89,6 +89,91 @@ def db_init(ctx: Context, system: str) -> None:
         click.echo(f"{name}: {len(applied)} migration(s) applied" + (f" ({', '.join(applied)})" if applied else ""))
 
 
+@cli.command()
+@click.option("--source", "source_name", required=True, help="Source name in the topology (oa, archive…).")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@pass_ctx
+def capture(ctx: Context, source_name: str, metrics_port: int | None) -> None:
+    """Capture a source's row changes into Kafka (runs until stopped; a second one stands by)."""
+    import signal
+
+    from archsync.metrics import serve_metrics
+    from connectors.capture import CaptureService
+
+    topology = ctx.topology()
+    service = CaptureService(topology, source_name, ctx.settings)
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    serve_metrics(metrics_port if metrics_port is not None else ctx.settings.metrics_port)
+    try:
+        service.run()
+    except KeyboardInterrupt:
+        service.stop()
+
+
+@cli.group()
+def slots() -> None:
+    """Replication slots of the topology's sources: list, lag, drop."""
+
+
+def _slot_rows(ctx: Context) -> list[tuple[str, Any]]:
+    from connectors.catalog import list_slots
+    from connectors.postgres import connect
+
+    topology = ctx.topology()
+    rows = []
+    for name, source in topology.sources.items():
+        with connect(ctx.settings.dsn_for(name), source.dsn_env, autocommit=True) as conn:
+            for slot in list_slots(conn):
+                if slot.name == source.slot or slot.name.startswith(f"{source.slot}_"):
+                    rows.append((name, slot))
+    return rows
+
+
+@slots.command("list")
+@pass_ctx
+def slots_list(ctx: Context) -> None:
+    """List the slots with their state, confirmed position and lag."""
+    from connectors.pgoutput import lsn_to_str
+
+    click.echo(f"{'source':8} {'slot':24} {'active':6} {'confirmed_flush':>16} {'lag_bytes':>12} {'wal_status':10}")
+    for name, s in _slot_rows(ctx):
+        confirmed = lsn_to_str(s.confirmed_flush_lsn) if s.confirmed_flush_lsn is not None else "-"
+        click.echo(f"{name:8} {s.name:24} {'yes' if s.active else 'no':6} {confirmed:>16} "
+                   f"{s.lag_bytes if s.lag_bytes is not None else '-':>12} {s.wal_status or '-':10}")
+
+
+@slots.command("lag")
+@click.option("--max-bytes", type=int, default=None, help="Exit 1 when any slot lags more than this.")
+@pass_ctx
+def slots_lag(ctx: Context, max_bytes: int | None) -> None:
+    """Print each slot's lag in bytes (usable as a check with --max-bytes)."""
+    worst = 0
+    for name, s in _slot_rows(ctx):
+        click.echo(f"{name} {s.name} {s.lag_bytes}")
+        worst = max(worst, s.lag_bytes or 0)
+    if max_bytes is not None and worst > max_bytes:
+        raise SystemExit(1)
+
+
+@slots.command("drop")
+@click.option("--source", "source_name", required=True)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+def slots_drop(ctx: Context, source_name: str, yes: bool) -> None:
+    """Drop a source's slot (the next capture re-snapshots). Ends its walsender if active."""
+    from connectors.catalog import drop_slot, forget_snapshots
+    from connectors.postgres import connect
+
+    source = ctx.topology().source(source_name)
+    if not yes:
+        click.confirm(f"drop slot {source.slot} of {source_name}? The next capture takes a new snapshot", abort=True)
+    with connect(ctx.settings.dsn_for(source_name), source.dsn_env, autocommit=True) as conn:
+        dropped = drop_slot(conn, source.slot, terminate=True)
+        forget_snapshots(conn, source.slot)
+    click.echo(f"slot {source.slot}: {'dropped' if dropped else 'did not exist'}")
+    log.info("slot dropped", extra={"source": source_name, "slot": source.slot, "admin_action": True})
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning archsync errors into one line and exit code 2."""
     try:

@@ -228,7 +228,7 @@ def pg_micros_to_datetime(micros: int) -> datetime:
 
     Raises OverflowError for values outside Python's datetime range (e.g. PostgreSQL's infinity).
     """
-    return PG_EPOCH + timedelta(microseconds=micros)
+    return PG_EPOCH + timedelta(0, 0, micros)
 
 
 def datetime_to_pg_micros(value: datetime) -> int:
@@ -277,7 +277,6 @@ _XLOG_HEAD = struct.Struct("!QQq")  # start LSN, server WAL end, send time
 _KEEPALIVE = struct.Struct("!QqB")  # server WAL end, send time, reply requested
 _STATUS_UPDATE = struct.Struct("!cQQQqB")
 
-_T, _N, _U, _B = 0x74, 0x6E, 0x75, 0x62  # 't', 'n', 'u', 'b'
 _K, _O, _NEW = 0x4B, 0x4F, 0x4E  # 'K', 'O', 'N'
 
 _TRUNCATE_CASCADE: Final = 1
@@ -295,35 +294,40 @@ def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
     return buf[pos:end].decode(), end + 1
 
 
-def _tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
-    (ncols,) = _U16.unpack_from(buf, pos)
+def _tuple(
+    buf: bytes,
+    pos: int,
+    _u16: Callable[[bytes, int], tuple[int]] = _U16.unpack_from,
+    _u32: Callable[[bytes, int], tuple[int]] = _U32.unpack_from,
+    _toast: UnchangedToast = UNCHANGED_TOAST,
+) -> tuple[TupleData, int]:
+    # Hot loop: struct readers and the marker are bound as defaults (fast locals) and the kind bytes
+    # are literals.  Lengths are unsigned, so ``pos`` only grows: one bounds check at the end catches
+    # any value that ran past the buffer (a slice past the end is merely short).
+    (ncols,) = _u16(buf, pos)
     pos += 2
     values: list[TupleValue] = []
     append = values.append
-    unpack_len = _I32.unpack_from
-    size = len(buf)
     for _ in range(ncols):
         kind = buf[pos]
-        if kind == _T:
+        if kind == 116:  # 't' text
             start = pos + 5
-            pos = start + unpack_len(buf, pos + 1)[0]
-            if pos > size or pos < start:
-                raise _Truncated
+            pos = start + _u32(buf, pos + 1)[0]
             append(buf[start:pos].decode())
-        elif kind == _N:
+        elif kind == 110:  # 'n' null
             append(None)
             pos += 1
-        elif kind == _U:
-            append(UNCHANGED_TOAST)
+        elif kind == 117:  # 'u' unchanged TOAST
+            append(_toast)
             pos += 1
-        elif kind == _B:
+        elif kind == 98:  # 'b' binary
             start = pos + 5
-            pos = start + unpack_len(buf, pos + 1)[0]
-            if pos > size or pos < start:
-                raise _Truncated
+            pos = start + _u32(buf, pos + 1)[0]
             append(buf[start:pos])
         else:
             raise PgOutputError(f"unknown tuple column kind {chr(kind)!r} (0x{kind:02x}) at offset {pos}")
+    if pos > len(buf):
+        raise _Truncated
     return tuple(values), pos
 
 
@@ -338,13 +342,13 @@ def _done(buf: bytes, pos: int) -> None:
 def _decode_begin(buf: bytes) -> Begin:
     final_lsn, ts, xid = _BEGIN.unpack_from(buf, 1)
     _done(buf, 21)
-    return Begin(final_lsn, PG_EPOCH + timedelta(microseconds=ts), xid)
+    return Begin(final_lsn, PG_EPOCH + timedelta(0, 0, ts), xid)
 
 
 def _decode_commit(buf: bytes) -> Commit:
     flags, commit_lsn, end_lsn, ts = _COMMIT.unpack_from(buf, 1)
     _done(buf, 26)
-    return Commit(flags, commit_lsn, end_lsn, PG_EPOCH + timedelta(microseconds=ts))
+    return Commit(flags, commit_lsn, end_lsn, PG_EPOCH + timedelta(0, 0, ts))
 
 
 def _decode_origin(buf: bytes) -> Origin:
@@ -532,7 +536,7 @@ def parse_copy_frame(buf: bytes | memoryview) -> XLogData | PrimaryKeepalive:
 
 def _frame_time(micros: int) -> datetime:
     try:
-        return PG_EPOCH + timedelta(microseconds=micros)
+        return PG_EPOCH + timedelta(0, 0, micros)
     except OverflowError as exc:
         raise PgOutputError(f"replication frame holds an out-of-range timestamp ({micros})") from exc
 

@@ -1,1 +1,5 @@
-"""Avro schemas of archsync's records, their registry and codecs; the reference SQL schemas."""
+"""archsync schemas: versioned Avro schemas (``schemas/avro``), the registry and the event codecs.
+
+    from schemas.codec import ChangeEventCodec, event_id, key_bytes
+    from schemas.registry import load_schema, check_all
+"""

@@ -97,14 +97,17 @@ END \$\$;
 SELECT 'CREATE DATABASE $db OWNER $PG_USER' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$db')
 \gexec
 GRANT pg_read_all_stats TO $PG_USER;
+SQL
+  # the archsync role may manage replication origins (its appliers write under them) in its database
+  as_root runuser -u postgres -- psql -p "$port" -h /var/run/postgresql -d "$db" -v ON_ERROR_STOP=1 -qAt >/dev/null <<SQL
 GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_drop(text),
   pg_replication_origin_session_setup(text), pg_replication_origin_session_reset(),
-  pg_replication_origin_xact_setup(pg_lsn, timestamptz), pg_replication_origin_session_is_setup()
+  pg_replication_origin_xact_setup(pg_lsn, timestamptz), pg_replication_origin_session_is_setup(),
+  pg_replication_origin_advance(text, pg_lsn), pg_replication_origin_progress(text, boolean),
+  pg_replication_origin_session_progress(boolean)
   TO $PG_USER;
+ALTER DATABASE $db SET timezone TO 'UTC';
 SQL
-  # the archsync role may set up replication origins in its own databases
-  as_root runuser -u postgres -- psql -p "$port" -h /var/run/postgresql -d "$db" -qAt -c \
-    "ALTER DATABASE $db SET timezone TO 'UTC'" >/dev/null
   local wal
   wal=$(as_root runuser -u postgres -- psql -p "$port" -h /var/run/postgresql -d postgres -Atqc 'show wal_level')
   [ "$wal" = logical ] || die "cluster $name runs with wal_level=$wal, archsync needs logical"

@@ -24,11 +24,45 @@ GRAFANA_DASHBOARDS = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards"
 
 TOP_LEVEL_KEYS = {"version", "name", "services", "networks", "volumes", "configs", "secrets", "include"}
 SERVICE_KEYS = {
-    "build", "image", "command", "entrypoint", "environment", "env_file", "ports", "expose",
-    "volumes", "depends_on", "healthcheck", "restart", "hostname", "container_name", "networks",
-    "labels", "user", "working_dir", "profiles", "deploy", "ulimits", "logging", "stop_grace_period",
-    "stop_signal", "tmpfs", "shm_size", "extra_hosts", "cap_add", "cap_drop", "init", "read_only",
-    "configs", "secrets", "platform", "pull_policy", "tty", "stdin_open", "mem_limit", "cpus",
+    "build",
+    "image",
+    "command",
+    "entrypoint",
+    "environment",
+    "env_file",
+    "ports",
+    "expose",
+    "volumes",
+    "depends_on",
+    "healthcheck",
+    "restart",
+    "hostname",
+    "container_name",
+    "networks",
+    "labels",
+    "user",
+    "working_dir",
+    "profiles",
+    "deploy",
+    "ulimits",
+    "logging",
+    "stop_grace_period",
+    "stop_signal",
+    "tmpfs",
+    "shm_size",
+    "extra_hosts",
+    "cap_add",
+    "cap_drop",
+    "init",
+    "read_only",
+    "configs",
+    "secrets",
+    "platform",
+    "pull_policy",
+    "tty",
+    "stdin_open",
+    "mem_limit",
+    "cpus",
 }
 DEPENDS_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 RESTART_POLICIES = {"no", "always", "on-failure", "unless-stopped"}
@@ -174,7 +208,9 @@ def test_restart_and_healthchecks_well_formed(services: dict[str, dict[str, Any]
         if not check or check.get("disable"):
             continue
         test = check["test"]
-        assert isinstance(test, str) or (isinstance(test, list) and test[0] in {"CMD", "CMD-SHELL", "NONE"}), name
+        assert isinstance(test, str) or (
+            isinstance(test, list) and test[0] in {"CMD", "CMD-SHELL", "NONE"}
+        ), name
         for key in ("interval", "timeout", "start_period"):
             if key in check:
                 assert DURATION_RE.match(str(check[key])), f"{name}: healthcheck {key}={check[key]!r}"

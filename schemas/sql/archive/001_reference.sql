@@ -52,6 +52,10 @@ COMMENT ON TABLE arc_code_sequence IS
     'gaps on rollback) keeps item numbers gap-free; use arc_next_item_no() inside the filing '
     'transaction. fonds_code '''' means "no fonds prefix".';
 
+CREATE OR REPLACE TRIGGER arc_code_sequence_touch
+    BEFORE UPDATE ON arc_code_sequence
+    FOR EACH ROW EXECUTE FUNCTION arc_touch_updated_at();
+
 -- Allocates the next item number inside the caller's transaction. The row stays locked until
 -- commit, so a rollback returns the number and concurrent filings queue instead of skipping.
 CREATE OR REPLACE FUNCTION arc_next_item_no(p_fonds_code text, p_class_code text, p_fiscal_year integer)

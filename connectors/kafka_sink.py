@@ -1,0 +1,191 @@
+"""Produces change events to Kafka, at least once, reporting acknowledgements to a FlushTracker."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaError, Producer
+
+from connectors.changes import ChangeRecord, TransactionBatch
+from connectors.envelope import change_event, dead_letter, rejected_dead_letter
+from connectors.kafka_admin import RDKAFKA_LOG
+from connectors.offsets import FlushTracker, PendingUnit
+from schemas.codec import ChangeEventCodec, DeadLetterCodec, key_bytes, to_json
+
+log = logging.getLogger(__name__)
+
+SCHEMA_HEADER = "archsync.schema"
+CHANGE_SCHEMA = b"change_event.v1"
+DEAD_LETTER_SCHEMA = b"dead_letter.v1"
+
+
+class FatalProduceError(RuntimeError):
+    """The producer hit an error it cannot recover from (e.g. a fenced idempotent producer)."""
+
+
+def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
+    """Producer settings for at-least-once capture: idempotent, acks=all, never give up on a record."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "enable.idempotence": True,
+        "acks": "all",
+        "max.in.flight.requests.per.connection": 5,  # ordering kept by idempotence
+        "message.timeout.ms": 0,  # a lost broker makes us wait, never drop
+        "linger.ms": 20,
+        "batch.size": 1_000_000,
+        "compression.type": "lz4",
+        "queue.buffering.max.messages": 200_000,
+        "queue.buffering.max.kbytes": 131_072,
+        "partitioner": "murmur2_random",  # same partition for a key as Java and aiokafka clients
+        "logger": RDKAFKA_LOG,
+    }
+    config.update(overrides)
+    return config
+
+
+class ChangeProducer:
+    """Encodes envelopes, produces them keyed by primary key, dead-letters what cannot go."""
+
+    def __init__(self, bootstrap: str, tracker: FlushTracker, *, system: str, database: str,
+                 topic_for: Callable[[str, str], str], dead_letter_topic: str, partitions: int,
+                 max_message_bytes: int = 1_000_000, on_wait: Callable[[], None] | None = None,
+                 metrics: Any = None, config: Mapping[str, Any] | None = None) -> None:
+        self.producer = Producer(producer_config(bootstrap, error_cb=self._on_error, **(config or {})))
+        self.tracker = tracker
+        self.system = system
+        self.database = database
+        self.topic_for = topic_for
+        self.dead_letter_topic = dead_letter_topic
+        self.partitions = partitions
+        self.max_message_bytes = max_message_bytes
+        self.on_wait = on_wait
+        self.codec = ChangeEventCodec()
+        self.dl_codec = DeadLetterCodec()
+        self.metrics = metrics
+        self.fatal: str | None = None
+        self.produced = 0
+        self.dead_lettered = 0
+
+    # -- errors -------------------------------------------------------------------------
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self.fatal = err.str()
+            log.error("fatal producer error", extra={"error": err.str()})
+        elif err.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
+            log.warning("broker unreachable, waiting", extra={"error": err.str()})
+
+    def check(self) -> None:
+        if self.fatal:
+            raise FatalProduceError(self.fatal)
+
+    # -- producing ----------------------------------------------------------------------
+    def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
+                 on_delivery: Callable[[Any, Any], None], partition: int | None = None) -> None:
+        produce = self.producer.produce
+        while True:
+            try:
+                if partition is None:
+                    produce(topic, value, key, on_delivery=on_delivery, headers=headers)
+                else:
+                    produce(topic, value, key, partition=partition, on_delivery=on_delivery, headers=headers)
+                return
+            except BufferError:
+                # local queue full (slow or absent broker): serve callbacks and wait; keep the
+                # replication connection alive meanwhile
+                self.producer.poll(0.1)
+                self.check()
+                if self.on_wait is not None:
+                    self.on_wait()
+
+    def send_event(self, event: dict[str, Any], key: bytes | None, unit: PendingUnit,
+                   json_columns: frozenset[str] = frozenset(), partition: int | None = None) -> None:
+        """Encode and produce one envelope; on failure produce a dead letter instead."""
+        source = event["source"]
+        topic = self.topic_for(source["schema"], source["table"])
+        try:
+            value = self.codec.encode(event, json_columns)
+        except Exception as exc:
+            self.send_dead_letter(dead_letter(
+                "capture", f"cannot encode the change event: {exc}", type(exc).__name__, system=self.system,
+                table=f"{source['schema']}.{source['table']}", lsn=source["lsn"],
+                original_json=_safe_json(event), original_key=key, source_topic=topic), unit, "encode")
+            return
+        if len(value) + (len(key) if key else 0) > self.max_message_bytes:
+            self.send_dead_letter(dead_letter(
+                "capture", f"change event of {len(value)} bytes is over the {self.max_message_bytes}-byte limit",
+                "MessageTooLarge", system=self.system, table=f"{source['schema']}.{source['table']}",
+                lsn=source["lsn"], original_key=key, source_topic=topic,
+                original_json=_safe_json(event, limit=self.max_message_bytes // 4)), unit, "oversized")
+            return
+        self.tracker.add(unit)
+        self._produce(topic, key, value, [(SCHEMA_HEADER, CHANGE_SCHEMA),
+                                          ("archsync.event_id", event["event_id"].encode())],
+                      self.tracker.callback(unit), partition)
+        self.produced += 1
+
+    def send_dead_letter(self, record: dict[str, Any], unit: PendingUnit, reason: str) -> None:
+        value = self.dl_codec.encode(record)
+        if len(value) > self.max_message_bytes:
+            record = {**record, "original_json": (record.get("original_json") or "")[: self.max_message_bytes // 4],
+                      "original_value": None}
+            value = self.dl_codec.encode(record)
+        self.tracker.add(unit)
+        self._produce(self.dead_letter_topic, record.get("original_key"), value,
+                      [(SCHEMA_HEADER, DEAD_LETTER_SCHEMA)], self.tracker.callback(unit))
+        self.dead_lettered += 1
+        if self.metrics is not None:
+            self.metrics.DEAD_LETTERS.labels("capture", reason).inc()
+        log.warning("dead letter", extra={"reason": record["reason"], "table": record.get("source_table"),
+                                          "lsn": record.get("source_lsn")})
+
+    def send_batch(self, batch: TransactionBatch, unit: PendingUnit) -> int:
+        """Produce every record of a transaction batch into ``unit``; return how many."""
+        tx = batch.tx
+        system, database = self.system, self.database
+        ts_ms = int(time.time() * 1000)
+        total = batch.total
+        for record in batch.records:
+            if type(record) is ChangeRecord:
+                table = record.table
+                event = change_event(system, database, record, tx, total, ts_ms)
+                if record.op == "t":
+                    for partition in range(self.partitions):  # every partition sees the truncate in order
+                        self.send_event(event, None, unit, table.json_columns, partition)
+                else:
+                    key = key_bytes(system, table.schema, table.name, record.key)
+                    self.send_event(event, key, unit, table.json_columns)
+            else:
+                self.send_dead_letter(rejected_dead_letter(system, record, tx), unit, "conversion")  # type: ignore[arg-type]
+        return len(batch.records)
+
+    def send_raw(self, topic: str, key: bytes, value: bytes, unit: PendingUnit) -> None:
+        """Produce an already encoded record (heartbeats) into ``unit``."""
+        self.tracker.add(unit)
+        self._produce(topic, key, value, [], self.tracker.callback(unit))
+
+    def poll(self, timeout: float = 0) -> None:
+        self.producer.poll(timeout)
+        self.check()
+
+    def flush(self, timeout: float | None = None) -> int:
+        """Wait for every queued record (forever by default); return how many are left."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = self.producer.flush(1.0)
+            self.check()
+            if left == 0 or (deadline is not None and time.monotonic() > deadline):
+                return int(left)
+            if self.on_wait is not None:
+                self.on_wait()
+
+
+def _safe_json(event: Any, limit: int | None = None) -> str:
+    try:
+        text = to_json(event).decode()
+    except Exception:
+        text = orjson.dumps(event, default=repr).decode()
+    return text if limit is None else text[:limit]

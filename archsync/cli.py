@@ -89,6 +89,79 @@ def db_init(ctx: Context, system: str) -> None:
         click.echo(f"{name}: {len(applied)} migration(s) applied" + (f" ({', '.join(applied)})" if applied else ""))
 
 
+@cli.group("topology")
+def topology_group() -> None:
+    """Check, apply and show the topology."""
+
+
+@topology_group.command("check")
+@pass_ctx
+def topology_check(ctx: Context) -> None:
+    """Validate the topology file (errors name the key and line) and the tables it captures."""
+    from connectors.catalog import primary_keys
+    from connectors.postgres import connect
+
+    topology = ctx.topology()
+    for name, source in topology.sources.items():
+        with connect(ctx.settings.dsn_for(name), source.dsn_env, autocommit=True) as conn:
+            keys = primary_keys(conn, source.tables)
+        click.echo(f"{name}: {len(keys)} table(s) ok, keyed by primary key")
+    click.echo(f"topology {topology.name} ({topology.path}) is valid")
+
+
+@topology_group.command("apply")
+@pass_ctx
+def topology_apply(ctx: Context) -> None:
+    """Create the topics and publications of the topology (idempotent).
+
+    Slots are created by the first capture run, together with its consistent snapshot.
+    """
+    from connectors.catalog import ensure_publication, primary_keys, split_table
+    from connectors.kafka_admin import TopicSpec, ensure_topics
+    from connectors.postgres import connect
+
+    topology = ctx.topology()
+    t = topology.topics
+    specs = [TopicSpec(t.dead_letter_topic("capture"), 1, t.replication_factor),
+             TopicSpec(t.heartbeat_topic(), 1, t.replication_factor, {"cleanup.policy": "compact"})]
+    for name, source in topology.sources.items():
+        with connect(ctx.settings.dsn_for(name), source.dsn_env, autocommit=True) as conn:
+            primary_keys(conn, source.tables)
+            added = ensure_publication(conn, source.publication, source.tables)
+        click.echo(f"{name}: publication {source.publication} " + (f"+{len(added)} table(s)" if added else "up to date"))
+        specs += [TopicSpec(t.change_topic(name, *split_table(q)), t.partitions, t.replication_factor, t.config)
+                  for q in source.tables]
+    created = ensure_topics(ctx.settings.kafka_bootstrap, specs)
+    click.echo(f"topics: {len(created)} created, {len(specs) - len(created)} already there")
+    log.info("topology applied", extra={"topology": topology.name, "admin_action": True,
+                                        "topics_created": created})
+
+
+@topology_group.command("show")
+@pass_ctx
+def topology_show(ctx: Context) -> None:
+    """Print the graph: sources → slots → topics."""
+    from connectors.catalog import split_table
+
+    topology = ctx.topology()
+    for name, source in topology.sources.items():
+        click.echo(f"{name} [{source.dsn_env}] --slot {source.slot} / publication {source.publication}-->")
+        for q in source.tables:
+            click.echo(f"    {q:36} --> {topology.topics.change_topic(name, *split_table(q))}")
+    click.echo(f"dead letters --> {topology.topics.dead_letter_topic('capture')}")
+    click.echo(f"own-origin writers skipped: {', '.join(topology.appliers)}")
+
+
+@cli.command()
+@click.option("--seconds", type=float, default=20.0, show_default=True, help="How long the demo streams.")
+@pass_ctx
+def demo(ctx: Context, seconds: float) -> None:
+    """The local demo: schemas, topology, both captures, sample OA and archive activity, a summary."""
+    from archsync.demo import run_demo
+
+    run_demo(ctx.settings, ctx.topology(), seconds)
+
+
 @cli.command()
 @click.option("--source", "source_name", required=True, help="Source name in the topology (oa, archive…).")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")

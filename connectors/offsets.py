@@ -21,13 +21,14 @@ class ProduceFailed(RuntimeError):
 class PendingUnit:
     """One transaction (or heartbeat) in flight: how many of its records Kafka still owes."""
 
-    __slots__ = ("end_lsn", "failure", "pending", "sealed")
+    __slots__ = ("end_lsn", "failure", "on_delivery", "pending", "sealed")
 
     def __init__(self, end_lsn: int) -> None:
         self.end_lsn = end_lsn
         self.pending = 0
         self.sealed = False
         self.failure: str | None = None
+        self.on_delivery: Callable[[Any, Any], None] | None = None
 
 
 class FlushTracker:

@@ -53,8 +53,6 @@ class SnapshotSession:
     ) -> tuple[tuple[RelationColumn, ...], int, Iterator[list[TupleData]]]:
         """(columns, estimated rows, chunks of rows as pgoutput-style text tuples)."""
         columns, types = table_columns(self.conn, qualified, key_columns)
-        for col in columns:
-            self.conn.adapters.register_loader(col.type_oid, TextLoader)
         estimate_row = self.conn.execute(
             "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = %s::regclass", (qualified,)
         ).fetchone()
@@ -84,9 +82,12 @@ class SnapshotSession:
             sql.Literal(chunk_rows),
         )
         positions = [next(i for i, c in enumerate(columns) if c.name == k) for k in keys]
+        oids = {c.type_oid for c in columns}
         last: list[Any] | None = None
         while True:
             with self.conn.cursor(binary=False) as cur:
+                for oid in oids:  # values as text, exactly as pgoutput sends them
+                    cur.adapters.register_loader(oid, TextLoader)
                 rows = cur.execute(first if last is None else after, last).fetchall()
             if not rows:
                 return

@@ -34,10 +34,11 @@ import base64
 import dataclasses
 import io
 import json
+import re
 import struct
 import time
 from collections.abc import Callable, Collection, Mapping
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar, Final
 from uuid import UUID
@@ -122,7 +123,7 @@ class JsonValue:
 
 # ------------------------------------------------------------------------------ small helpers
 
-_EPOCH_UTC: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH_UTC: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_NAIVE: Final = datetime(1970, 1, 1)
 _EPOCH_ORDINAL: Final = 719163  # date(1970, 1, 1).toordinal()
 _pack_double = struct.Struct("<d").pack
@@ -192,11 +193,14 @@ def _json_text(value: Any) -> bytes:
                           allow_nan=False).encode()
 
 
-def _json_load(text: bytes | str) -> Any:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
+def _json_load(text: bytes) -> Any:
+    # orjson reads integers beyond 64 bits as floats: let the stdlib read those texts exactly
+    if _LONG_NUMBER.search(text) is not None:
         return json.loads(text)
+    return orjson.loads(text)
 
 
 def _decimal_text(value: Decimal) -> str:
@@ -270,7 +274,7 @@ def _enc_date(v: Any, ap: _Append) -> None:
 
 
 def _enc_uuid(v: Any, ap: _Append) -> None:
-    h = "%032x" % v.int  # == str(v) without the dashes, faster than UUID.__str__
+    h = f"{v.int:032x}"  # == str(v) without the dashes, faster than UUID.__str__
     ap(b"\x14\x48" + f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode())  # 36 chars: 0x48
 
 
@@ -509,24 +513,35 @@ _JSON_SCALARS: Final = frozenset({list, tuple, str, int, float, bool})
 
 def _read_long(data: bytes, pos: int) -> tuple[int, int]:
     b = data[pos]
-    pos += 1
+    if b < 0x80:
+        return (b >> 1) ^ -(b & 1), pos + 1
     n = b & 0x7F
-    shift = 7
-    while b & 0x80:
+    b = data[pos + 1]
+    if b < 0x80:
+        n |= b << 7
+        return (n >> 1) ^ -(n & 1), pos + 2
+    n |= (b & 0x7F) << 7
+    pos += 2
+    shift = 14
+    while True:
         b = data[pos]
         pos += 1
         n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return (n >> 1) ^ -(n & 1), pos
         shift += 7
-    return (n >> 1) ^ -(n & 1), pos
+        if shift > 63:
+            raise ValueError("Avro long longer than 10 bytes")
 
 
 def _read_bytes(data: bytes, pos: int) -> tuple[bytes, int]:
     b = data[pos]
     if b < 0x80:
-        n = b >> 1
-        pos += 1
-    else:
-        n, pos = _read_long(data, pos)
+        end = pos + 1 + (b >> 1)
+        if end > len(data):
+            raise ValueError("truncated Avro data")
+        return data[pos + 1 : end], end
+    n, pos = _read_long(data, pos)
     end = pos + n
     if n < 0 or end > len(data):
         raise ValueError("truncated or corrupt Avro data")
@@ -534,8 +549,17 @@ def _read_bytes(data: bytes, pos: int) -> tuple[bytes, int]:
 
 
 def _read_str(data: bytes, pos: int) -> tuple[str, int]:
-    b, pos = _read_bytes(data, pos)
-    return b.decode(), pos
+    b = data[pos]
+    if b < 0x80:
+        end = pos + 1 + (b >> 1)
+        if end > len(data):
+            raise ValueError("truncated Avro data")
+        return data[pos + 1 : end].decode(), end
+    n, pos = _read_long(data, pos)
+    end = pos + n
+    if n < 0 or end > len(data):
+        raise ValueError("truncated or corrupt Avro data")
+    return data[pos:end].decode(), end
 
 
 def _read_opt_long(data: bytes, pos: int) -> tuple[int | None, int]:
@@ -634,7 +658,7 @@ class ChangeEventCodec:
     ``unchanged``: object returned for unchanged-TOAST cells by :meth:`decode` (default
     :data:`UNCHANGED`); ``unknown_factory(type_name, text)`` builds decoded unknown values (default
     :class:`UnknownText`). ``engine="fastavro"`` uses fastavro instead of the built-in codec (slow;
-    a reference for tests). Instances are cheap; share one per thread.
+    a reference for tests). The built-in engine keeps no per-call state: one instance can be shared.
     """
 
     def __init__(
@@ -741,7 +765,7 @@ class ChangeEventCodec:
             "before": row(event.get("before")),
             "after": row(event.get("after")),
             "source": src,
-            "txn": None if txn is None else (NS + "Txn", {"total": None, **txn}),
+            "txn": None if txn is None else (NS + "Txn", {"total": None, **txn, "id": str(txn["id"])}),
             "ts_ms": time.time_ns() // 1_000_000 if event.get("ts_ms") is None else event["ts_ms"],
             "key_columns": list(event.get("key_columns") or ()),
             "unknown_types": unknown if event.get("unknown_types") is None else event["unknown_types"],
@@ -772,19 +796,33 @@ class ChangeEventCodec:
             ap = items.append
             dec = item_dec
             while True:
-                count, pos = _block_count(data, pos)
-                if not count:
-                    return items, pos
+                b = data[pos]
+                if b == 0:
+                    return items, pos + 1
+                if b < 0x80:
+                    count = (b >> 1) ^ -(b & 1)
+                    pos += 1
+                    if count < 0:
+                        count = -count
+                        _, pos = _read_long(data, pos)
+                else:
+                    count, pos = _block_count(data, pos)
                 for _ in range(count):
                     tag = data[pos]
-                    pos += 1
                     if tag == 8:
-                        s, pos = _read_bytes(data, pos)
-                        ap(s.decode())
+                        b = data[pos + 1]
+                        if b < 0x80:
+                            end = pos + 2 + (b >> 1)
+                            ap(data[pos + 2 : end].decode())
+                            pos = end
+                        else:
+                            s, pos = _read_str(data, pos + 1)
+                            ap(s)
                     elif tag == 0:
                         ap(None)
+                        pos += 1
                     else:
-                        v, pos = dec[tag](data, pos)
+                        v, pos = dec[tag](data, pos + 1)
                         ap(v)
 
         def dec_str(data: bytes, pos: int) -> tuple[Any, int]:
@@ -831,33 +869,56 @@ class ChangeEventCodec:
                 b = data[pos]
                 if b < 0x80:
                     end = pos + 1 + (b >> 1)
-                    key = data[pos + 1:end].decode()
+                    key = data[pos + 1 : end].decode()
                 else:
                     n, pos = _read_long(data, pos)
                     end = pos + n
                     key = data[pos:end].decode()
                 tag = data[end]
                 pos = end + 1
-                if tag == 8:
+                # the common branches inline (see _encode_row), the others through the table
+                if tag == 8:  # string
                     b = data[pos]
                     if b < 0x80:
                         end = pos + 1 + (b >> 1)
-                        row[key] = data[pos + 1:end].decode()
+                        row[key] = data[pos + 1 : end].decode()
                         pos = end
                     else:
                         s, pos = _read_bytes(data, pos)
                         row[key] = s.decode()
                 elif tag == 0:
                     row[key] = None
-                elif tag == 4:
-                    row[key], pos = _read_long(data, pos)
+                elif tag == 4 or tag == 14 or tag == 16:  # long, TimestampTz, LocalTimestamp
+                    b = data[pos]
+                    if b < 0x80:
+                        n = (b >> 1) ^ -(b & 1)
+                        pos += 1
+                    else:
+                        n, pos = _read_long(data, pos)
+                    if tag == 4:
+                        row[key] = n
+                    elif tag == 14:
+                        row[key] = _EPOCH_UTC + timedelta(0, 0, n)
+                    else:
+                        row[key] = _EPOCH_NAIVE + timedelta(0, 0, n)
+                elif tag == 2:
+                    row[key] = data[pos] == 1
+                    pos += 1
+                elif tag == 12:  # Decimal
+                    end = pos + 1 + (data[pos] >> 1)
+                    if data[pos] < 0x80:
+                        row[key] = Decimal(data[pos + 1 : end].decode())
+                        pos = end
+                    else:
+                        row[key], pos = _dec_decimal(data, pos)
                 else:
                     row[key], pos = dec[tag](data, pos)
 
     def decode(self, data: bytes | bytearray | memoryview) -> dict[str, Any]:
         """The event dict encoded in ``data`` (Python values in ``before``/``after``).
 
-        Raises ValueError for data that is not a ``change_event.v1`` message.
+        Json cells come back as parsed JSON (a JSON ``null`` as None, like pgtypes gives it); TimestampTz
+        as datetimes in UTC. Raises ValueError for data that is not a ``change_event.v1`` message.
         """
         if type(data) is not bytes:
             data = bytes(data)
@@ -904,6 +965,9 @@ class ChangeEventCodec:
         ts_ms, pos = _read_long(data, pos)
         key_columns: list[str] = []
         while True:
+            if data[pos] == 0:  # end of blocks
+                pos += 1
+                break
             count, pos = _block_count(data, pos)
             if not count:
                 break
@@ -912,6 +976,9 @@ class ChangeEventCodec:
                 key_columns.append(col)
         unknown_types: dict[str, str] = {}
         while True:
+            if data[pos] == 0:
+                pos += 1
+                break
             count, pos = _block_count(data, pos)
             if not count:
                 break
@@ -1028,7 +1095,7 @@ def from_cell(
     if kind == "Uuid":
         return UUID(rec["value"])
     if kind == "Json":
-        return _json_load(rec["json"])
+        return _json_load(rec["json"].encode())
     if kind == "Array":
         return [from_cell(x, unchanged, unknown_factory) for x in rec["items"]]
     if kind == "Unchanged":
@@ -1054,7 +1121,7 @@ def event_id(system: str, commit_lsn: int, order: int) -> str:
 
 def _key_default(v: Any) -> Any:
     if isinstance(v, datetime):
-        return v.isoformat() if v.tzinfo is None else v.astimezone(timezone.utc).isoformat()
+        return v.isoformat() if v.tzinfo is None else v.astimezone(UTC).isoformat()
     if isinstance(v, date):
         return v.isoformat()
     if isinstance(v, Decimal):
@@ -1146,10 +1213,7 @@ class DeadLetterCodec:
             error = reason
         if isinstance(error, BaseException):
             error = type(error)
-        if isinstance(error, type):
-            error_class = f"{error.__module__}.{error.__qualname__}"
-        else:
-            error_class = error or ""
+        error_class = f"{error.__module__}.{error.__qualname__}" if isinstance(error, type) else error or ""
         if isinstance(reason, BaseException):
             reason = str(reason) or type(reason).__name__
         if isinstance(original_json, bytes):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import re
 from collections.abc import Iterable
@@ -251,7 +252,7 @@ class _Checker:
                 self.check(target, w, path, reader_is_new)
             return
 
-        if rk != wk and not (rk in _PROMOTIONS.get(wk, ())):
+        if rk != wk and rk not in _PROMOTIONS.get(wk, ()):
             self._add(f"{path}: type changed from {self._fmt(old, True)} to {self._fmt(new, False)}",
                       reader_is_new)
             return
@@ -335,7 +336,8 @@ def check_evolution(old_schema: Any, new_schema: Any, mode: str = "full") -> lis
         reader, writer = (new, old) if reader_is_new else (old, new)
         checker.check(reader, writer, root, reader_is_new)
     order = ("BACKWARD", "FORWARD")
-    return [f"{msg} [breaks {'+'.join(d for d in order if d in dirs)}]" for msg, dirs in checker.issues.items()]
+    return [f"{msg} [breaks {'+'.join(d for d in order if d in dirs)}]"
+            for msg, dirs in checker.issues.items()]
 
 
 def _check_pairs(index: dict[str, dict[int, Path]], mode: str) -> Iterable[str]:
@@ -350,7 +352,7 @@ def _check_pairs(index: dict[str, dict[int, Path]], mode: str) -> Iterable[str]:
         ordered = sorted(loaded)
         if ordered and ordered != list(range(ordered[0], ordered[0] + len(ordered))):
             yield f"{name}: versions are not consecutive: {ordered}"
-        for a, b in zip(ordered, ordered[1:], strict=False):
+        for a, b in itertools.pairwise(ordered):
             for problem in check_evolution(loaded[a], loaded[b], mode):
                 yield f"{name}.v{a} -> {name}.v{b}: {problem}"
 

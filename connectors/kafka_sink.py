@@ -143,23 +143,50 @@ class ChangeProducer:
                                           "lsn": record.get("source_lsn")})
 
     def send_batch(self, batch: TransactionBatch, unit: PendingUnit) -> int:
-        """Produce every record of a transaction batch into ``unit``; return how many."""
+        """Produce every record of a transaction batch into ``unit``; return how many.
+
+        The hot path of the capture: the common case (a row change that encodes and fits) is
+        inlined; truncates, rejected rows, encoding failures and oversized events take the slow
+        path through :meth:`send_event` / :meth:`send_dead_letter`.
+        """
         tx = batch.tx
         system, database = self.system, self.database
         ts_ms = int(time.time() * 1000)
         total = batch.total
+        encode = self.codec.encode
+        produce = self.producer.produce
+        on_delivery = self.tracker.callback(unit)
+        limit = self.max_message_bytes
+        topics: dict[int, str] = {}
         for record in batch.records:
-            if type(record) is ChangeRecord:
-                table = record.table
-                event = change_event(system, database, record, tx, total, ts_ms)
-                if record.op == "t":
-                    for partition in range(self.partitions):  # every partition sees the truncate in order
-                        self.send_event(event, None, unit, table.json_columns, partition)
-                else:
-                    key = key_bytes(system, table.schema, table.name, record.key)
-                    self.send_event(event, key, unit, table.json_columns)
-            else:
+            if type(record) is not ChangeRecord:
                 self.send_dead_letter(rejected_dead_letter(system, record, tx), unit, "conversion")  # type: ignore[arg-type]
+                continue
+            table = record.table
+            event = change_event(system, database, record, tx, total, ts_ms)
+            if record.op == "t":
+                for partition in range(self.partitions):  # every partition sees the truncate in order
+                    self.send_event(event, None, unit, table.json_columns, partition)
+                continue
+            key = key_bytes(system, table.schema, table.name, record.key)
+            try:
+                value = encode(event, table.json_columns)
+            except Exception:  # noqa: BLE001 - the slow path dead-letters it with the reason
+                self.send_event(event, key, unit, table.json_columns)
+                continue
+            if len(value) + len(key) > limit:
+                self.send_event(event, key, unit, table.json_columns)
+                continue
+            topic = topics.get(id(table))
+            if topic is None:
+                topic = topics[id(table)] = self.topic_for(table.schema, table.name)
+            unit.pending += 1
+            headers = [(SCHEMA_HEADER, CHANGE_SCHEMA), ("archsync.event_id", event["event_id"].encode())]
+            try:
+                produce(topic, value, key, on_delivery=on_delivery, headers=headers)
+            except BufferError:
+                self._produce(topic, key, value, headers, on_delivery)
+            self.produced += 1
         return len(batch.records)
 
     def send_raw(self, topic: str, key: bytes, value: bytes, unit: PendingUnit) -> None:

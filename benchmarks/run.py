@@ -1,0 +1,13 @@
+"""`make bench`: every benchmark, results in benchmarks/results/, summary printed."""
+
+from __future__ import annotations
+
+from benchmarks import bench_capture
+
+
+def main() -> None:
+    bench_capture.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -10,11 +11,21 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, Producer
 
+from archsync.errors import ConfigError
 from connectors.changes import ChangeRecord, TransactionBatch
 from connectors.envelope import change_event, dead_letter, rejected_dead_letter
 from connectors.kafka_admin import RDKAFKA_LOG
 from connectors.offsets import FlushTracker, PendingUnit
-from schemas.codec import ChangeEventCodec, DeadLetterCodec, key_bytes, to_json
+from schemas.codec import (
+    ChangeEventCodec,
+    DeadLetterCodec,
+    event_tail,
+    key_bytes,
+    source_table_prefix,
+    source_tx_suffix,
+    to_json,
+    txn_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +46,7 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
         "acks": "all",
         "max.in.flight.requests.per.connection": 5,  # ordering kept by idempotence
         "message.timeout.ms": 0,  # a lost broker makes us wait, never drop
-        "linger.ms": 20,
+        "linger.ms": 50,
         "batch.size": 1_000_000,
         "compression.type": "lz4",
         "queue.buffering.max.messages": 200_000,
@@ -43,6 +54,12 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
         "partitioner": "murmur2_random",  # same partition for a key as Java and aiokafka clients
         "logger": RDKAFKA_LOG,
     }
+    extra = os.environ.get("ARCHSYNC_PRODUCER_CONFIG")  # JSON object of librdkafka settings
+    if extra:
+        try:
+            config.update(orjson.loads(extra))
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError("ARCHSYNC_PRODUCER_CONFIG", f"not a JSON object: {exc}") from None
     config.update(overrides)
     return config
 
@@ -122,9 +139,7 @@ class ChangeProducer:
                 original_json=_safe_json(event, limit=self.max_message_bytes // 4)), unit, "oversized")
             return
         self.tracker.add(unit)
-        self._produce(topic, key, value, [(SCHEMA_HEADER, CHANGE_SCHEMA),
-                                          ("archsync.event_id", event["event_id"].encode())],
-                      self.tracker.callback(unit), partition)
+        self._produce(topic, key, value, [(SCHEMA_HEADER, CHANGE_SCHEMA)], self.tracker.callback(unit), partition)
         self.produced += 1
 
     def send_dead_letter(self, record: dict[str, Any], unit: PendingUnit, reason: str) -> None:
@@ -153,39 +168,51 @@ class ChangeProducer:
         system, database = self.system, self.database
         ts_ms = int(time.time() * 1000)
         total = batch.total
-        encode = self.codec.encode
+        encode_change = self.codec.encode_change
         produce = self.producer.produce
         on_delivery = self.tracker.callback(unit)
         limit = self.max_message_bytes
-        topics: dict[int, str] = {}
+        # what every event of this transaction shares is encoded once
+        tx_source = source_tx_suffix(tx.commit_lsn, tx.xid, tx.commit_ts, tx.origin, False)
+        txn = txn_prefix(f"{tx.xid}:{tx.commit_lsn:X}")
+        eid_prefix = f"{system}:{tx.commit_lsn:016X}:"
+        headers = [(SCHEMA_HEADER, CHANGE_SCHEMA)]
+        per_table: dict[int, tuple[bytes, bytes, str]] = {}
         for record in batch.records:
             if type(record) is not ChangeRecord:
                 self.send_dead_letter(rejected_dead_letter(system, record, tx), unit, "conversion")  # type: ignore[arg-type]
                 continue
             table = record.table
-            event = change_event(system, database, record, tx, total, ts_ms)
-            if record.op == "t":
+            op = record.op
+            if op == "t":
+                event = change_event(system, database, record, tx, total, ts_ms)
                 for partition in range(self.partitions):  # every partition sees the truncate in order
                     self.send_event(event, None, unit, table.json_columns, partition)
                 continue
+            parts = per_table.get(id(table))
+            if parts is None:
+                parts = per_table[id(table)] = (
+                    source_table_prefix(system, database, table.schema, table.name),
+                    event_tail(total, ts_ms, table.key_columns, table.unknown_types),
+                    self.topic_for(table.schema, table.name))
             key = key_bytes(system, table.schema, table.name, record.key)
+            eid = f"{eid_prefix}{record.order}"
             try:
-                value = encode(event, table.json_columns)
+                value = encode_change(eid, op, record.before, record.after, parts[0], record.lsn, tx_source, txn,
+                                      record.order, parts[1], table.json_columns)
             except Exception:  # noqa: BLE001 - the slow path dead-letters it with the reason
-                self.send_event(event, key, unit, table.json_columns)
+                self.send_event(change_event(system, database, record, tx, total, ts_ms), key, unit,
+                                table.json_columns)
                 continue
             if len(value) + len(key) > limit:
-                self.send_event(event, key, unit, table.json_columns)
+                self.send_event(change_event(system, database, record, tx, total, ts_ms), key, unit,
+                                table.json_columns)
                 continue
-            topic = topics.get(id(table))
-            if topic is None:
-                topic = topics[id(table)] = self.topic_for(table.schema, table.name)
             unit.pending += 1
-            headers = [(SCHEMA_HEADER, CHANGE_SCHEMA), ("archsync.event_id", event["event_id"].encode())]
             try:
-                produce(topic, value, key, on_delivery=on_delivery, headers=headers)
+                produce(parts[2], value, key, on_delivery=on_delivery, headers=headers)
             except BufferError:
-                self._produce(topic, key, value, headers, on_delivery)
+                self._produce(parts[2], key, value, headers, on_delivery)
             self.produced += 1
         return len(batch.records)
 

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final, TypeAlias
+from typing import ClassVar, Final, TypeAlias
 
 __all__ = [
     "PG_EPOCH",
@@ -73,7 +73,7 @@ class UnchangedToast:
     """
 
     __slots__ = ()
-    _instance: UnchangedToast | None = None
+    _instance: ClassVar[UnchangedToast | None] = None
 
     def __new__(cls) -> UnchangedToast:
         inst = cls._instance

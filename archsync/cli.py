@@ -38,8 +38,13 @@ pass_ctx = click.make_pass_decorator(Context)
 
 
 @click.group()
-@click.option("--topology", "topology_path", envvar="ARCHSYNC_TOPOLOGY", default=None,
-              help="Topology YAML (default: the packaged reference topology).")
+@click.option(
+    "--topology",
+    "topology_path",
+    envvar="ARCHSYNC_TOPOLOGY",
+    default=None,
+    help="Topology YAML (default: the packaged reference topology).",
+)
 @click.option("--log-level", envvar="ARCHSYNC_LOG_LEVEL", default="INFO", show_default=True)
 @click.version_option(package_name="archsync")
 @click.pass_context
@@ -62,8 +67,10 @@ def check(ctx: Context) -> None:
             row = conn.execute("SHOW wal_level").fetchone()
             wal = row[0] if row else "?"
             if wal != "logical":
-                raise ArchsyncError(f"{s.dsn_setting(system)}: {describe_dsn(s.dsn_for(system))} runs with "
-                                    f"wal_level={wal}; archsync needs wal_level=logical")
+                raise ArchsyncError(
+                    f"{s.dsn_setting(system)}: {describe_dsn(s.dsn_for(system))} runs with "
+                    f"wal_level={wal}; archsync needs wal_level=logical"
+                )
             click.echo(f"{system:8} ok  {describe_dsn(s.dsn_for(system))} wal_level={wal}")
     brokers = check_broker(s.kafka_bootstrap)
     click.echo(f"{'kafka':8} ok  {s.kafka_bootstrap} ({brokers} broker{'s' if brokers != 1 else ''})")
@@ -122,19 +129,24 @@ def topology_apply(ctx: Context) -> None:
 
     topology = ctx.topology()
     t = topology.topics
-    specs = [TopicSpec(t.dead_letter_topic("capture"), 1, t.replication_factor),
-             TopicSpec(t.heartbeat_topic(), 1, t.replication_factor, {"cleanup.policy": "compact"})]
+    specs = [
+        TopicSpec(t.dead_letter_topic("capture"), 1, t.replication_factor),
+        TopicSpec(t.heartbeat_topic(), 1, t.replication_factor, {"cleanup.policy": "compact"}),
+    ]
     for name, source in topology.sources.items():
         with connect(ctx.settings.dsn_for(name), source.dsn_env, autocommit=True) as conn:
             primary_keys(conn, source.tables)
             added = ensure_publication(conn, source.publication, source.tables)
-        click.echo(f"{name}: publication {source.publication} " + (f"+{len(added)} table(s)" if added else "up to date"))
-        specs += [TopicSpec(t.change_topic(name, *split_table(q)), t.partitions, t.replication_factor, t.config)
-                  for q in source.tables]
+        click.echo(
+            f"{name}: publication {source.publication} " + (f"+{len(added)} table(s)" if added else "up to date")
+        )
+        specs += [
+            TopicSpec(t.change_topic(name, *split_table(q)), t.partitions, t.replication_factor, t.config)
+            for q in source.tables
+        ]
     created = ensure_topics(ctx.settings.kafka_bootstrap, specs)
     click.echo(f"topics: {len(created)} created, {len(specs) - len(created)} already there")
-    log.info("topology applied", extra={"topology": topology.name, "admin_action": True,
-                                        "topics_created": created})
+    log.info("topology applied", extra={"topology": topology.name, "admin_action": True, "topics_created": created})
 
 
 @topology_group.command("show")
@@ -211,8 +223,10 @@ def slots_list(ctx: Context) -> None:
     click.echo(f"{'source':8} {'slot':24} {'active':6} {'confirmed_flush':>16} {'lag_bytes':>12} {'wal_status':10}")
     for name, s in _slot_rows(ctx):
         confirmed = lsn_to_str(s.confirmed_flush_lsn) if s.confirmed_flush_lsn is not None else "-"
-        click.echo(f"{name:8} {s.name:24} {'yes' if s.active else 'no':6} {confirmed:>16} "
-                   f"{s.lag_bytes if s.lag_bytes is not None else '-':>12} {s.wal_status or '-':10}")
+        click.echo(
+            f"{name:8} {s.name:24} {'yes' if s.active else 'no':6} {confirmed:>16} "
+            f"{s.lag_bytes if s.lag_bytes is not None else '-':>12} {s.wal_status or '-':10}"
+        )
 
 
 @slots.command("lag")

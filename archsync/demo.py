@@ -33,8 +33,10 @@ from topology.model import Topology
 
 def _activity(settings: Settings, run_tag: str, forms: int) -> None:
     rng = random.Random(run_tag)
-    with connect(settings.oa_dsn, "ARCHSYNC_OA_DSN", autocommit=True) as oa, \
-            connect(settings.archive_dsn, "ARCHSYNC_ARCHIVE_DSN", autocommit=True) as arc:
+    with (
+        connect(settings.oa_dsn, "ARCHSYNC_OA_DSN", autocommit=True) as oa,
+        connect(settings.archive_dsn, "ARCHSYNC_ARCHIVE_DSN", autocommit=True) as arc,
+    ):
         for n in range(forms):
             form_type = rng.choice(["EXPENSE", "PAYMENT", "CONTRACT"])
             amount = f"{rng.randint(100, 500000)}.{rng.randint(0, 99):02d}"
@@ -43,40 +45,66 @@ def _activity(settings: Settings, run_tag: str, forms: int) -> None:
                     "INSERT INTO oa_form (form_no, form_type, status, amount, fonds_code, applicant, department,"
                     " title, fiscal_year, fiscal_month) VALUES (%s, %s, 'SUBMITTED', %s, 'F001', %s, 'Finance',"
                     " %s, 2026, 11) RETURNING id",
-                    (f"DEMO-{run_tag}-{n:03d}", form_type, amount, rng.choice(["王芳", "李雷", "Chen"]),
-                     f"{form_type.title()} claim {n}")).fetchone()
+                    (
+                        f"DEMO-{run_tag}-{n:03d}",
+                        form_type,
+                        amount,
+                        rng.choice(["王芳", "李雷", "Chen"]),
+                        f"{form_type.title()} claim {n}",
+                    ),
+                ).fetchone()
                 assert row is not None
                 form_id = row[0]
-                oa.execute("INSERT INTO oa_approval_record (form_id, approver, node, action) VALUES"
-                           " (%s, 'applicant', 'start', 'SUBMIT')", (form_id,))
+                oa.execute(
+                    "INSERT INTO oa_approval_record (form_id, approver, node, action) VALUES"
+                    " (%s, 'applicant', 'start', 'SUBMIT')",
+                    (form_id,),
+                )
                 content = f"e-invoice {run_tag} {n}".encode()
-                oa.execute("INSERT INTO oa_attachment (form_id, kind, file_name, size_bytes, sha256)"
-                           " VALUES (%s, 'EINVOICE_XML', %s, %s, %s)",
-                           (form_id, f"invoice-{n}.xml", len(content), hashlib.sha256(content).hexdigest()))
+                oa.execute(
+                    "INSERT INTO oa_attachment (form_id, kind, file_name, size_bytes, sha256)"
+                    " VALUES (%s, 'EINVOICE_XML', %s, %s, %s)",
+                    (form_id, f"invoice-{n}.xml", len(content), hashlib.sha256(content).hexdigest()),
+                )
             approved = rng.random() < 0.8
             with oa.transaction():
-                oa.execute("INSERT INTO oa_approval_record (form_id, approver, node, action) VALUES"
-                           " (%s, 'manager', 'finance-review', %s)", (form_id, "APPROVE" if approved else "REJECT"))
-                oa.execute("UPDATE oa_form SET status = %s, approved_at = CASE WHEN %s THEN now() END"
-                           " WHERE id = %s", ("APPROVED" if approved else "REJECTED", approved, form_id))
+                oa.execute(
+                    "INSERT INTO oa_approval_record (form_id, approver, node, action) VALUES"
+                    " (%s, 'manager', 'finance-review', %s)",
+                    (form_id, "APPROVE" if approved else "REJECT"),
+                )
+                oa.execute(
+                    "UPDATE oa_form SET status = %s, approved_at = CASE WHEN %s THEN now() END WHERE id = %s",
+                    ("APPROVED" if approved else "REJECTED", approved, form_id),
+                )
             if approved:
                 with arc.transaction():
                     item = arc.execute(
                         "INSERT INTO arc_item (fonds_code, class_code, fiscal_year, fiscal_month, title, category,"
                         " retention_code, expire_date, source_system, source_ref, amount)"
                         " VALUES ('F001', 'KJ', 2026, 11, %s, 'VOUCHER', 'Y30', '2056-12-31', 'oa', %s, %s)"
-                        " RETURNING id", (f"{form_type} {n}", f"DEMO-{run_tag}-{n:03d}", amount)).fetchone()
+                        " RETURNING id",
+                        (f"{form_type} {n}", f"DEMO-{run_tag}-{n:03d}", amount),
+                    ).fetchone()
                     assert item is not None
-                    arc.execute("INSERT INTO arc_file (item_id, seq, file_name, format, size_bytes, sha256)"
-                                " VALUES (%s, 1, %s, 'XML', %s, %s)",
-                                (item[0], f"invoice-{n}.xml", len(content), hashlib.sha256(content).hexdigest()))
+                    arc.execute(
+                        "INSERT INTO arc_file (item_id, seq, file_name, format, size_bytes, sha256)"
+                        " VALUES (%s, 1, %s, 'XML', %s, %s)",
+                        (item[0], f"invoice-{n}.xml", len(content), hashlib.sha256(content).hexdigest()),
+                    )
             time.sleep(0.05)
 
 
 def _summary(settings: Settings, topics: list[str], seconds: float) -> tuple[Counter[tuple[str, str]], Any]:
     codec = ChangeEventCodec()
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"demo-{time.time_ns()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"demo-{time.time_ns()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe(topics)
     counts: Counter[tuple[str, str]] = Counter()
     sample = None
@@ -85,9 +113,12 @@ def _summary(settings: Settings, topics: list[str], seconds: float) -> tuple[Cou
         for msg in consumer.consume(500, 0.5):
             if msg.error():
                 continue
-            event = codec.decode(msg.value())
-            counts[(msg.topic(), event["op"])] += 1
-            if sample is None and event["op"] == "u" and msg.topic().endswith("oa_form"):
+            value, topic = msg.value(), msg.topic() or ""
+            if value is None:
+                continue
+            event = codec.decode(value)
+            counts[(topic, event["op"])] += 1
+            if sample is None and event["op"] == "u" and topic.endswith("oa_form"):
                 sample = event
     consumer.close()
     return counts, sample
@@ -106,19 +137,22 @@ def run_demo(settings: Settings, topology: Topology, seconds: float) -> None:
         click.echo(f"  {system}: schema ready ({len(applied)} migration(s) applied now)")
     t = topology.topics
     topics = [t.change_topic(name, *split_table(q)) for name, s in topology.sources.items() for q in s.tables]
-    ensure_topics(settings.kafka_bootstrap, [TopicSpec(name, t.partitions, t.replication_factor, t.config)
-                                             for name in topics])
+    ensure_topics(
+        settings.kafka_bootstrap,
+        [TopicSpec(name, t.partitions, t.replication_factor, t.config) for name in topics],
+    )
     services = {name: CaptureService(topology, name, settings) for name in topology.sources}
     errors: list[BaseException] = []
 
     def run(svc: CaptureService) -> None:
         try:
             svc.run()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(svc,), name=f"capture-{name}", daemon=True)
-               for name, svc in services.items()]
+    threads = [
+        threading.Thread(target=run, args=(svc,), name=f"capture-{name}", daemon=True) for name, svc in services.items()
+    ]
     for th in threads:
         th.start()
     deadline = time.monotonic() + 60

@@ -9,30 +9,43 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 log = logging.getLogger(__name__)
 
 CAPTURED_EVENTS = Counter(
-    "archsync_captured_events_total", "Row changes captured and produced to Kafka", ["source", "table", "op"])
-CAPTURE_ERRORS = Counter(
-    "archsync_capture_errors_total", "Errors in the capture, by kind", ["source", "kind"])
+    "archsync_captured_events_total", "Row changes captured and produced to Kafka", ["source", "table", "op"]
+)
+CAPTURE_ERRORS = Counter("archsync_capture_errors_total", "Errors in the capture, by kind", ["source", "kind"])
 OWN_ORIGIN_SKIPPED = Counter(
-    "archsync_own_origin_skipped_total", "Transactions skipped because archsync's own applier wrote them",
-    ["source", "origin"])
-DEAD_LETTERS = Counter(
-    "archsync_dead_letters_total", "Records sent to a dead-letter topic", ["stage", "reason"])
+    "archsync_own_origin_skipped_total",
+    "Transactions skipped because archsync's own applier wrote them",
+    ["source", "origin"],
+)
+DEAD_LETTERS = Counter("archsync_dead_letters_total", "Records sent to a dead-letter topic", ["stage", "reason"])
 SNAPSHOT_ROWS = Counter(
-    "archsync_snapshot_rows_total", "Rows read by initial or added-table snapshots", ["source", "table"])
+    "archsync_snapshot_rows_total", "Rows read by initial or added-table snapshots", ["source", "table"]
+)
 PRODUCE_LATENCY = Histogram(
-    "archsync_capture_produce_latency_seconds", "From handing a transaction to the producer to the broker's ack",
-    ["source"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    "archsync_capture_produce_latency_seconds",
+    "From handing a transaction to the producer to the broker's ack",
+    ["source"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 BATCH_SIZE = Histogram(
-    "archsync_capture_batch_size", "Records produced per transaction batch", ["source"],
-    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 1000, 2500, 10000))
+    "archsync_capture_batch_size",
+    "Records produced per transaction batch",
+    ["source"],
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 1000, 2500, 10000),
+)
 SLOT_LAG = Gauge(
-    "archsync_slot_lag_bytes", "WAL bytes between the server's current position and the slot's confirmed flush",
-    ["source", "slot"])
+    "archsync_slot_lag_bytes",
+    "WAL bytes between the server's current position and the slot's confirmed flush",
+    ["source", "slot"],
+)
 CONFIRMED_LSN = Gauge(
-    "archsync_capture_confirmed_lsn", "Last WAL position confirmed to PostgreSQL (all before it is in Kafka)",
-    ["source"])
+    "archsync_capture_confirmed_lsn",
+    "Last WAL position confirmed to PostgreSQL (all before it is in Kafka)",
+    ["source"],
+)
 CAPTURE_ACTIVE = Gauge(
-    "archsync_capture_active", "1 when this process holds the source's capture lock and streams", ["source"])
+    "archsync_capture_active", "1 when this process holds the source's capture lock and streams", ["source"]
+)
 HEARTBEATS = Counter("archsync_heartbeats_total", "Heartbeats that went around the source", ["source"])
 
 

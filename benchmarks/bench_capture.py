@@ -14,6 +14,7 @@ Writes benchmarks/results/capture.json and prints a summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -51,20 +52,36 @@ def main() -> dict[str, object]:
     settings = load_settings()
     tag = f"bench{int(time.time())}"
     table, slot, raw_slot, pub = f"{tag}_rows", f"{tag}_slot", f"{tag}_raw", f"{tag}_pub"
-    yaml = (f"version: 1\nname: bench\ntopics:\n  prefix: {tag}\n  partitions: 3\n"
-            f"sources:\n  oa:\n    slot: {slot}\n    publication: {pub}\n    heartbeat_seconds: 5\n"
-            f"    tables: [public.{table}]\n")
+    yaml = (
+        f"version: 1\nname: bench\ntopics:\n  prefix: {tag}\n  partitions: 3\n"
+        f"sources:\n  oa:\n    slot: {slot}\n    publication: {pub}\n    heartbeat_seconds: 5\n"
+        f"    tables: [public.{table}]\n"
+    )
     topo_file = Path(tempfile.mkdtemp()) / "bench.yaml"
     topo_file.write_text(yaml)
     topology = parse_topology(yaml)
     dsn = settings.oa_dsn
-    env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}", "ARCHSYNC_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}",
+        "ARCHSYNC_LOG_LEVEL": "WARNING",
+    }
     prefix = os.environ.get("BENCH_CAPTURE_PREFIX", "").split()  # e.g. a profiler
-    capture_cmd = [*prefix, str(REPO / ".venv" / "bin" / "archsync"), "--topology", str(topo_file), "capture", "--source", "oa"]
+    capture_cmd = [
+        *prefix,
+        str(REPO / ".venv" / "bin" / "archsync"),
+        "--topology",
+        str(topo_file),
+        "capture",
+        "--source",
+        "oa",
+    ]
 
     with connect(dsn, "ARCHSYNC_OA_DSN", autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, v int NOT NULL, amount numeric(18,2),"
-                     " created_at timestamptz NOT NULL DEFAULT now(), status text, payload text)")
+        conn.execute(
+            f"CREATE TABLE {table} (id bigint PRIMARY KEY, v int NOT NULL, amount numeric(18,2),"
+            " created_at timestamptz NOT NULL DEFAULT now(), status text, payload text)"
+        )
     result: dict[str, object] = {}
     try:
         progress("creating the slot with a first capture run")
@@ -77,17 +94,26 @@ def main() -> dict[str, object]:
         with connect(dsn, "ARCHSYNC_OA_DSN", autocommit=True) as conn:
             conn.execute("SELECT pg_copy_logical_replication_slot(%s, %s)", (slot, raw_slot))
             progress(f"workload: {rows} row changes (60% insert, 30% update, 10% delete, ~1 KB rows)")
-            inserts, updates, deletes = int(rows * 0.6), int(rows * 0.3), rows - int(rows * 0.6) - int(rows * 0.3)
+            inserts, updates, deletes = (
+                int(rows * 0.6),
+                int(rows * 0.3),
+                rows - int(rows * 0.6) - int(rows * 0.3),
+            )
             chunk = 1000
             started = time.monotonic()
             for start in range(0, inserts, chunk):
                 end = min(start + chunk, inserts) - 1
-                conn.execute(f"INSERT INTO {table} (id, v, amount, status, payload) SELECT i, 0, i * 1.25, 'NEW',"
-                             " repeat(md5(i::text), 28) FROM generate_series(%s::bigint, %s::bigint) i", (start, end))
+                conn.execute(
+                    f"INSERT INTO {table} (id, v, amount, status, payload) SELECT i, 0, i * 1.25, 'NEW',"
+                    " repeat(md5(i::text), 28) FROM generate_series(%s::bigint, %s::bigint) i",
+                    (start, end),
+                )
             for start in range(0, updates, chunk):
                 end = min(start + chunk, updates) - 1
-                conn.execute(f"UPDATE {table} SET v = v + 1, status = 'CHANGED' WHERE id BETWEEN %s AND %s",
-                             (start, end))
+                conn.execute(
+                    f"UPDATE {table} SET v = v + 1, status = 'CHANGED' WHERE id BETWEEN %s AND %s",
+                    (start, end),
+                )
             for start in range(inserts - deletes, inserts, chunk):
                 end = min(start + chunk, inserts) - 1
                 conn.execute(f"DELETE FROM {table} WHERE id BETWEEN %s AND %s", (start, end))
@@ -97,11 +123,33 @@ def main() -> dict[str, object]:
         parts = urlsplit(dsn)
         progress("raw ceiling: pg_recvlogical to /dev/null")
         started = time.monotonic()
-        subprocess.run([pg_recvlogical(), "-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 5432),
-                        "-U", parts.username or "archsync", "-d", parts.path.strip("/"), "--slot", raw_slot,
-                        "--start", "-o", "proto_version=1", "-o", f"publication_names={pub}", "-E", end_lsn,
-                        "-f", "/dev/null", "--no-loop"],
-                       env={**env, "PGPASSWORD": parts.password or ""}, check=True)
+        subprocess.run(
+            [
+                pg_recvlogical(),
+                "-h",
+                parts.hostname or "127.0.0.1",
+                "-p",
+                str(parts.port or 5432),
+                "-U",
+                parts.username or "archsync",
+                "-d",
+                parts.path.strip("/"),
+                "--slot",
+                raw_slot,
+                "--start",
+                "-o",
+                "proto_version=1",
+                "-o",
+                f"publication_names={pub}",
+                "-E",
+                end_lsn,
+                "-f",
+                "/dev/null",
+                "--no-loop",
+            ],
+            env={**env, "PGPASSWORD": parts.password or ""},
+            check=True,
+        )
         raw_seconds = time.monotonic() - started
         progress(f"raw: {raw_seconds:.2f} s = {rows / raw_seconds:,.0f} rows/s")
 
@@ -120,8 +168,10 @@ def main() -> dict[str, object]:
                 info = list_slots(conn, slot)[0]
                 try:
                     status = Path(f"/proc/{proc.pid}/status").read_text()
-                    peak_rss = max(peak_rss, int(next(line.split()[1] for line in status.splitlines()
-                                                     if line.startswith("VmHWM:"))) * 1024)
+                    peak_rss = max(
+                        peak_rss,
+                        int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024,
+                    )
                 except (OSError, StopIteration):
                     pass
                 if (info.confirmed_flush_lsn or 0) >= target:
@@ -131,14 +181,16 @@ def main() -> dict[str, object]:
                 now = time.monotonic()
                 if now - last_report > 5:
                     last_report = now
-                    done = (info.confirmed_flush_lsn or 0)
+                    done = info.confirmed_flush_lsn or 0
                     progress(f"... confirmed {done:X} of {target:X}")
                 time.sleep(0.05)
         archsync_seconds = time.monotonic() - started
         proc.terminate()
         proc.wait(30)
-        progress(f"archsync: {archsync_seconds:.2f} s = {rows / archsync_seconds:,.0f} rows/s, "
-                 f"peak RSS {peak_rss / 2**20:.0f} MiB")
+        progress(
+            f"archsync: {archsync_seconds:.2f} s = {rows / archsync_seconds:,.0f} rows/s, "
+            f"peak RSS {peak_rss / 2**20:.0f} MiB"
+        )
         result = {
             "benchmark": "capture",
             "rows": rows,
@@ -152,7 +204,11 @@ def main() -> dict[str, object]:
             "peak_rss_bytes": peak_rss,
             "peak_rss_mib": round(peak_rss / 2**20, 1),
             "note": "time includes process start-up; Kafka acks=all, idempotent, lz4, 3 partitions",
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+            },
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -162,15 +218,15 @@ def main() -> dict[str, object]:
     finally:
         with connect(dsn, "ARCHSYNC_OA_DSN", autocommit=True) as conn:
             for s in (slot, raw_slot):
-                try:
+                with contextlib.suppress(Exception):
                     drop_slot(conn, s, terminate=True)
-                except Exception:  # noqa: BLE001
-                    pass
             forget_snapshots(conn, slot)
             conn.execute(f"DROP PUBLICATION IF EXISTS {pub}")
             conn.execute(f"DROP TABLE IF EXISTS {table}")
-        delete_topics(settings.kafka_bootstrap, [topology.topics.change_topic("oa", "public", table),
-                                                 f"{tag}.dlq.capture"])
+        delete_topics(
+            settings.kafka_bootstrap,
+            [topology.topics.change_topic("oa", "public", table), f"{tag}.dlq.capture"],
+        )
 
 
 def profile_in_process(topology, settings, dsn, slot, target, rows):  # type: ignore[no-untyped-def]

@@ -47,9 +47,18 @@ def sample_event(i: int = 1) -> dict[str, Any]:
         "op": "u",
         "before": {"id": 1_000_000 + i},
         "after": sample_row(i),
-        "source": {"system": "oa", "database": "oa", "schema": "public", "table": "approval_request",
-                   "lsn": 0x1A2B3C4D00 + i, "commit_lsn": 0x1A2B3C4D5E, "xid": 987654,
-                   "commit_ts": 1714566615123456, "origin": None, "snapshot": False},
+        "source": {
+            "system": "oa",
+            "database": "oa",
+            "schema": "public",
+            "table": "approval_request",
+            "lsn": 0x1A2B3C4D00 + i,
+            "commit_lsn": 0x1A2B3C4D5E,
+            "xid": 987654,
+            "commit_ts": 1714566615123456,
+            "origin": None,
+            "snapshot": False,
+        },
         "txn": {"id": "987654:112394027870", "order": i, "total": None},
         "ts_ms": 1714566615200,
         "key_columns": ["id"],
@@ -77,20 +86,27 @@ def main() -> None:
     data = codec.encode(event)
     assert codec.decode(data)["after"] == event["after"]
     row_bytes = len(data) - len(codec.encode({**event, "after": None}))
-    print(f"engine={args.engine}: message {len(data)} bytes (row {row_bytes} bytes, 12 columns), "
-          f"N={args.n}, best of {args.rounds}")
+    print(
+        f"engine={args.engine}: message {len(data)} bytes (row {row_bytes} bytes, 12 columns), "
+        f"N={args.n}, best of {args.rounds}"
+    )
 
     encode, decode = codec.encode, codec.decode
     results = {
         "encode": rate(lambda: encode(event), args.n, args.rounds),
         "decode": rate(lambda: decode(data), args.n, args.rounds),
         "encode+decode": rate(lambda: decode(encode(event)), args.n, args.rounds),
-        "encode+key_bytes": rate(lambda: (encode(event), key_bytes("oa", "public", "approval_request",
-                                                                   {"id": 1_000_001})), args.n, args.rounds),
+        "encode+key_bytes": rate(
+            lambda: (encode(event), key_bytes("oa", "public", "approval_request", {"id": 1_000_001})),
+            args.n,
+            args.rounds,
+        ),
     }
     for name, (best, rates) in results.items():
-        print(f"{name:17s} {best:>9,.0f} rows/s  ({1e6 / best:6.2f} us/row)   "
-              f"rounds: {', '.join(f'{r:,.0f}' for r in rates)}  median {statistics.median(rates):,.0f}")
+        print(
+            f"{name:17s} {best:>9,.0f} rows/s  ({1e6 / best:6.2f} us/row)   "
+            f"rounds: {', '.join(f'{r:,.0f}' for r in rates)}  median {statistics.median(rates):,.0f}"
+        )
 
 
 if __name__ == "__main__":

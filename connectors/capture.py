@@ -63,8 +63,15 @@ class CaptureStats:
 class CaptureService:
     """Captures one source into Kafka until :meth:`stop` is called (or the process dies)."""
 
-    def __init__(self, topology: Topology, source_name: str, settings: Settings, *,
-                 dsn: str | None = None, lock_poll_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        source_name: str,
+        settings: Settings,
+        *,
+        dsn: str | None = None,
+        lock_poll_seconds: float = 1.0,
+    ) -> None:
         self.topology = topology
         self.source: Source = topology.source(source_name)
         self.settings = settings
@@ -90,8 +97,10 @@ class CaptureService:
                     log.info("standby took over", extra={"source": self.name})
                 return True
             if not waited:
-                log.info("standby: another capture holds the lock, waiting",
-                         extra={"source": self.name, "slot": self.source.slot})
+                log.info(
+                    "standby: another capture holds the lock, waiting",
+                    extra={"source": self.name, "slot": self.source.slot},
+                )
                 waited = True
             self._stop.wait(self.lock_poll_seconds)
         return False
@@ -102,23 +111,27 @@ class CaptureService:
             slots = catalog.list_slots(admin, self.source.slot)
             if not slots or not slots[0].active:
                 return
-            log.warning("slot still held by a previous leader's walsender, terminating it",
-                        extra={"slot": self.source.slot, "pid": slots[0].active_pid})
+            log.warning(
+                "slot still held by a previous leader's walsender, terminating it",
+                extra={"slot": self.source.slot, "pid": slots[0].active_pid},
+            )
             admin.execute("SELECT pg_terminate_backend(%s)", (slots[0].active_pid,))
             time.sleep(0.1)
 
     # -- main ---------------------------------------------------------------------------
     def run(self) -> None:
         metrics.CAPTURE_ACTIVE.labels(self.name).set(0)
-        with connect(self.dsn, self.setting, autocommit=True,
-                     application_name=f"archsync-capture-lock-{self.name}") as lock_conn:
+        with connect(
+            self.dsn, self.setting, autocommit=True, application_name=f"archsync-capture-lock-{self.name}"
+        ) as lock_conn:
             if not self._acquire_leadership(lock_conn):
                 return
             self.stats.leader = True
             metrics.CAPTURE_ACTIVE.labels(self.name).set(1)
             try:
-                with connect(self.dsn, self.setting, autocommit=True,
-                             application_name=f"archsync-capture-{self.name}") as admin:
+                with connect(
+                    self.dsn, self.setting, autocommit=True, application_name=f"archsync-capture-{self.name}"
+                ) as admin:
                     self._run_leader(admin, lock_conn)
             finally:
                 metrics.CAPTURE_ACTIVE.labels(self.name).set(0)
@@ -136,19 +149,35 @@ class CaptureService:
         tracker = FlushTracker()
         repl = ReplicationConnection(self.dsn, self.setting)
         producer = ChangeProducer(
-            self.settings.kafka_bootstrap, tracker, system=self.name, database=database,
+            self.settings.kafka_bootstrap,
+            tracker,
+            system=self.name,
+            database=database,
             topic_for=lambda schema, table: self.topics.change_topic(self.name, schema, table),
-            dead_letter_topic=self.topics.dead_letter_topic("capture"), partitions=self.topics.partitions,
-            max_message_bytes=source.max_message_bytes, metrics=metrics)
+            dead_letter_topic=self.topics.dead_letter_topic("capture"),
+            partitions=self.topics.partitions,
+            max_message_bytes=source.max_message_bytes,
+            metrics=metrics,
+        )
         try:
             existing = catalog.list_slots(admin, source.slot)
             if not existing:
                 created = repl.create_slot(source.slot, export_snapshot=True)
-                log.info("replication slot created", extra={"slot": source.slot,
-                                                             "consistent_lsn": lsn_to_str(created.consistent_lsn)})
+                log.info(
+                    "replication slot created",
+                    extra={"slot": source.slot, "consistent_lsn": lsn_to_str(created.consistent_lsn)},
+                )
                 catalog.forget_snapshots(admin, source.slot)
-                self._snapshot(admin, producer, tracker, keys, list(source.tables), created, database,
-                               read=source.snapshot == "initial")
+                self._snapshot(
+                    admin,
+                    producer,
+                    tracker,
+                    keys,
+                    list(source.tables),
+                    created,
+                    database,
+                    read=source.snapshot == "initial",
+                )
                 confirmed = created.consistent_lsn
             else:
                 confirmed = existing[0].confirmed_flush_lsn or 0
@@ -160,12 +189,13 @@ class CaptureService:
             partial = [t for t, s in states.items() if s.rows > 0 and s.snapshot_lsn > confirmed]
             skip_below = {t: s.snapshot_lsn for t, s in states.items() if s.snapshot_lsn > confirmed}
             tracker.confirmed_lsn = confirmed
-            assembler = TransactionAssembler(keys, self.topology.appliers, skip_below,
-                                             keep_deletes_below=partial)
+            assembler = TransactionAssembler(keys, self.topology.appliers, skip_below, keep_deletes_below=partial)
             repl.start(source.slot, source.publication)
             self.stats.streaming = True
-            log.info("streaming", extra={"source": self.name, "slot": source.slot,
-                                         "from_lsn": lsn_to_str(confirmed)})
+            log.info(
+                "streaming",
+                extra={"source": self.name, "slot": source.slot, "from_lsn": lsn_to_str(confirmed)},
+            )
             self._stream(repl, producer, tracker, assembler, admin, lock_conn)
         finally:
             try:
@@ -175,31 +205,62 @@ class CaptureService:
 
     def _topic_specs(self) -> list[TopicSpec]:
         t = self.topics
-        specs = [TopicSpec(t.change_topic(self.name, *catalog.split_table(q)), t.partitions, t.replication_factor,
-                           t.config) for q in self.source.tables]
+        specs = [
+            TopicSpec(
+                t.change_topic(self.name, *catalog.split_table(q)),
+                t.partitions,
+                t.replication_factor,
+                t.config,
+            )
+            for q in self.source.tables
+        ]
         specs.append(TopicSpec(t.dead_letter_topic("capture"), 1, t.replication_factor, {}))
-        specs.append(TopicSpec(t.heartbeat_topic(), 1, t.replication_factor,
-                               {"cleanup.policy": "compact"}))
+        specs.append(TopicSpec(t.heartbeat_topic(), 1, t.replication_factor, {"cleanup.policy": "compact"}))
         return specs
 
     # -- snapshots ----------------------------------------------------------------------
-    def _snapshot_added(self, admin: Any, producer: ChangeProducer, tracker: FlushTracker,
-                        keys: dict[str, tuple[str, ...]], tables: list[str], database: str) -> None:
+    def _snapshot_added(
+        self,
+        admin: Any,
+        producer: ChangeProducer,
+        tracker: FlushTracker,
+        keys: dict[str, tuple[str, ...]],
+        tables: list[str],
+        database: str,
+    ) -> None:
         """Tables not (fully) snapshotted yet: read them in a fresh exported snapshot."""
         tmp = ReplicationConnection(self.dsn, self.setting)
         try:
-            created = tmp.create_slot(f"{self.source.slot}_snap_{os.getpid()}", export_snapshot=True,
-                                      temporary=True)
-            log.info("snapshot of added or unfinished tables", extra={
-                "tables": tables, "snapshot_lsn": lsn_to_str(created.consistent_lsn)})
-            self._snapshot(admin, producer, tracker, keys, tables, created, database,
-                           read=self.source.snapshot == "initial")
+            created = tmp.create_slot(f"{self.source.slot}_snap_{os.getpid()}", export_snapshot=True, temporary=True)
+            log.info(
+                "snapshot of added or unfinished tables",
+                extra={"tables": tables, "snapshot_lsn": lsn_to_str(created.consistent_lsn)},
+            )
+            self._snapshot(
+                admin,
+                producer,
+                tracker,
+                keys,
+                tables,
+                created,
+                database,
+                read=self.source.snapshot == "initial",
+            )
         finally:
             tmp.close()
 
-    def _snapshot(self, admin: Any, producer: ChangeProducer, tracker: FlushTracker,
-                  keys: dict[str, tuple[str, ...]], tables: list[str], created: CreatedSlot, database: str,
-                  *, read: bool) -> None:
+    def _snapshot(
+        self,
+        admin: Any,
+        producer: ChangeProducer,
+        tracker: FlushTracker,
+        keys: dict[str, tuple[str, ...]],
+        tables: list[str],
+        created: CreatedSlot,
+        database: str,
+        *,
+        read: bool,
+    ) -> None:
         lsn = created.consistent_lsn
         if not read:
             for table in tables:
@@ -213,23 +274,47 @@ class CaptureService:
             finally:
                 session.close()
 
-    def _snapshot_table(self, session: SnapshotSession, admin: Any, producer: ChangeProducer,
-                        tracker: FlushTracker, key_columns: tuple[str, ...], table: str, lsn: int,
-                        database: str) -> None:
+    def _snapshot_table(
+        self,
+        session: SnapshotSession,
+        admin: Any,
+        producer: ChangeProducer,
+        tracker: FlushTracker,
+        key_columns: tuple[str, ...],
+        table: str,
+        lsn: int,
+        database: str,
+    ) -> None:
         catalog.record_snapshot(admin, self.source.slot, table, lsn, done=False, rows=0)
         columns, estimate, chunks = session.read_table(table, key_columns, self.source.snapshot_chunk_rows)
         schema, name = catalog.split_table(table)
         relation = Relation(0, schema, name, "d", columns)
-        unknown = {c.name: BUILTIN_TYPE_NAMES.get(c.type_oid, str(c.type_oid))
-                   for c in columns if c.type_oid not in KNOWN_TYPE_OIDS}
-        info = TableInfo(0, schema, name, relation, key_columns, unknown,
-                         frozenset(c.name for c in columns if c.type_oid in JSON_OIDS))
+        unknown = {
+            c.name: BUILTIN_TYPE_NAMES.get(c.type_oid, str(c.type_oid))
+            for c in columns
+            if c.type_oid not in KNOWN_TYPE_OIDS
+        }
+        info = TableInfo(
+            0,
+            schema,
+            name,
+            relation,
+            key_columns,
+            unknown,
+            frozenset(c.name for c in columns if c.type_oid in JSON_OIDS),
+        )
         rows_done = 0
         started = time.monotonic()
         last_log = started
         counter = metrics.SNAPSHOT_ROWS.labels(self.name, table)
-        with tqdm(total=estimate or None, desc=f"snapshot {self.name}:{table}", unit="row", disable=None,
-                  mininterval=1.0, leave=False) as bar:
+        with tqdm(
+            total=estimate or None,
+            desc=f"snapshot {self.name}:{table}",
+            unit="row",
+            disable=None,
+            mininterval=1.0,
+            leave=False,
+        ) as bar:
             for chunk in chunks:
                 unit = tracker.open(lsn)
                 ts_ms = int(time.time() * 1000)
@@ -240,14 +325,27 @@ class CaptureService:
                     except ValueError as exc:
                         from connectors.envelope import dead_letter
 
-                        producer.send_dead_letter(dead_letter(
-                            "snapshot", str(exc), type(exc).__name__, system=self.name, table=table, lsn=lsn,
-                            original_json=orjson.dumps(list(values), default=repr).decode()), unit, "conversion")
+                        producer.send_dead_letter(
+                            dead_letter(
+                                "snapshot",
+                                str(exc),
+                                type(exc).__name__,
+                                system=self.name,
+                                table=table,
+                                lsn=lsn,
+                                original_json=orjson.dumps(list(values), default=repr).decode(),
+                            ),
+                            unit,
+                            "conversion",
+                        )
                         continue
                     event = snapshot_event(self.name, database, info, row, lsn, rows_done, ts_ms)
-                    producer.send_event(event, key_bytes(self.name, schema, name,
-                                                         {k: row[k] for k in key_columns}),
-                                        unit, info.json_columns)
+                    producer.send_event(
+                        event,
+                        key_bytes(self.name, schema, name, {k: row[k] for k in key_columns}),
+                        unit,
+                        info.json_columns,
+                    )
                 tracker.seal(unit)
                 producer.poll(0)
                 bar.update(len(chunk))
@@ -261,12 +359,21 @@ class CaptureService:
         tracker.advance()
         self.stats.snapshot_rows += rows_done
         catalog.record_snapshot(admin, self.source.slot, table, lsn, done=True, rows=rows_done)
-        log.info("snapshot of table done", extra={
-            "table": table, "rows": rows_done, "seconds": round(time.monotonic() - started, 3)})
+        log.info(
+            "snapshot of table done",
+            extra={"table": table, "rows": rows_done, "seconds": round(time.monotonic() - started, 3)},
+        )
 
     # -- streaming ----------------------------------------------------------------------
-    def _stream(self, repl: ReplicationConnection, producer: ChangeProducer, tracker: FlushTracker,
-                assembler: TransactionAssembler, admin: Any, lock_conn: Any) -> None:
+    def _stream(
+        self,
+        repl: ReplicationConnection,
+        producer: ChangeProducer,
+        tracker: FlushTracker,
+        assembler: TransactionAssembler,
+        admin: Any,
+        lock_conn: Any,
+    ) -> None:
         name = self.name
         source = self.source
         received = tracker.confirmed_lsn
@@ -309,9 +416,14 @@ class CaptureService:
                                 metrics.OWN_ORIGIN_SKIPPED.labels(name, out.tx.origin or "").inc()
                     elif type(out) is LogicalMessage and out.prefix == HEARTBEAT_PREFIX:
                         unit = tracker.open(out.lsn)
-                        producer.send_raw(heartbeat_topic, heartbeat_key, orjson.dumps(
-                            {"source": name, "lsn": lsn_to_str(out.lsn), "ts_ms": int(time.time() * 1000)}),
-                            unit)
+                        producer.send_raw(
+                            heartbeat_topic,
+                            heartbeat_key,
+                            orjson.dumps(
+                                {"source": name, "lsn": lsn_to_str(out.lsn), "ts_ms": int(time.time() * 1000)}
+                            ),
+                            unit,
+                        )
                         tracker.seal(unit)
                         self.stats.heartbeats += 1
                         metrics.HEARTBEATS.labels(name).inc()
@@ -364,8 +476,10 @@ class CaptureService:
     def _heartbeat(self, admin: Any, lock_conn: Any) -> None:
         """Emit a logical message through the slot (so an idle slot advances) and refresh lag."""
         lock_conn.execute("SELECT 1")  # the lock session must be alive, or another process leads
-        admin.execute("SELECT pg_logical_emit_message(false, %s, %s)",
-                      (HEARTBEAT_PREFIX, f"{socket.gethostname()}:{os.getpid()}"))
+        admin.execute(
+            "SELECT pg_logical_emit_message(false, %s, %s)",
+            (HEARTBEAT_PREFIX, f"{socket.gethostname()}:{os.getpid()}"),
+        )
         for slot in catalog.list_slots(admin, self.source.slot):
             if slot.lag_bytes is not None:
                 metrics.SLOT_LAG.labels(self.name, slot.name).set(slot.lag_bytes)

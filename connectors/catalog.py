@@ -76,17 +76,15 @@ def ensure_publication(conn: psycopg.Connection[Any], name: str, tables: Iterabl
     idents = {t: sql.Identifier(*split_table(t)) for t in wanted}
     if not exists:
         conn.execute(
-            sql.SQL(
-                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert, update, delete, truncate')"
-            ).format(sql.Identifier(name), sql.SQL(", ").join(idents.values()))
+            sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert, update, delete, truncate')").format(
+                sql.Identifier(name), sql.SQL(", ").join(idents.values())
+            )
         )
         log.info("publication created", extra={"publication": name, "tables": wanted})
         return wanted
     have = {
         f"{r[0]}.{r[1]}"
-        for r in conn.execute(
-            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (name,)
-        )
+        for r in conn.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (name,))
     }
     missing = [t for t in wanted if t not in have]
     if missing:
@@ -176,9 +174,7 @@ def snapshot_states(conn: psycopg.Connection[Any], slot: str) -> dict[str, Table
     }
 
 
-def record_snapshot(
-    conn: psycopg.Connection[Any], slot: str, table: str, lsn: int, *, done: bool, rows: int
-) -> None:
+def record_snapshot(conn: psycopg.Connection[Any], slot: str, table: str, lsn: int, *, done: bool, rows: int) -> None:
     from connectors.pgoutput import lsn_to_str
 
     conn.execute(

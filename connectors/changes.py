@@ -192,15 +192,11 @@ class TransactionAssembler:
             self.relations[rel.oid] = rel  # not captured: its rows are rejected
             return
         unknown = {
-            col.name: self.type_names.get(col.type_oid)
-            or BUILTIN_TYPE_NAMES.get(col.type_oid)
-            or str(col.type_oid)
+            col.name: self.type_names.get(col.type_oid) or BUILTIN_TYPE_NAMES.get(col.type_oid) or str(col.type_oid)
             for col in rel.columns
             if col.type_oid not in KNOWN_TYPE_OIDS
         }
-        self.relations[rel.oid] = TableInfo(
-            rel.oid, rel.namespace or "pg_catalog", rel.name, rel, keys, unknown
-        )
+        self.relations[rel.oid] = TableInfo(rel.oid, rel.namespace or "pg_catalog", rel.name, rel, keys, unknown)
 
     def _skip(self, table: TableInfo, op: str) -> bool:
         if not self.skip_below:
@@ -224,15 +220,11 @@ class TransactionAssembler:
         if type(msg) is Insert:
             op, old, new = "c", None, msg.new
         elif type(msg) is Update:
-            op, old, new = "u", msg.old, msg.new  # type: ignore[union-attr]
+            op, old, new = "u", msg.old, msg.new
         else:
             op, old, new = "d", msg.old, None  # type: ignore[union-attr]
         if not isinstance(info, TableInfo):
-            name = (
-                f"{info.namespace}.{info.name}"
-                if isinstance(info, Relation)
-                else f"relation {msg.relation_oid}"
-            )
+            name = f"{info.namespace}.{info.name}" if isinstance(info, Relation) else f"relation {msg.relation_oid}"
             batch.records.append(
                 RejectedChange(
                     f"table {name} is not in the topology (or has no primary key)",
@@ -280,9 +272,7 @@ class TransactionAssembler:
             tx.order += 1
             info = self.relations.get(oid)
             if isinstance(info, TableInfo) and not self._skip(info, "t"):
-                batch.records.append(
-                    ChangeRecord("t", info, None, None, {}, lsn, tx.order, info.unknown_types)
-                )
+                batch.records.append(ChangeRecord("t", info, None, None, {}, lsn, tx.order, info.unknown_types))
         return self._maybe_flush()
 
     def _maybe_flush(self) -> TransactionBatch | None:

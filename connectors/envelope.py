@@ -9,8 +9,14 @@ from connectors.changes import ChangeRecord, RejectedChange, TableInfo, Transact
 from schemas.codec import event_id
 
 
-def change_event(system: str, database: str, record: ChangeRecord, tx: Transaction, total: int | None,
-                 ts_ms: int | None = None) -> dict[str, Any]:
+def change_event(
+    system: str,
+    database: str,
+    record: ChangeRecord,
+    tx: Transaction,
+    total: int | None,
+    ts_ms: int | None = None,
+) -> dict[str, Any]:
     """The envelope of a streamed row change."""
     table = record.table
     return {
@@ -19,9 +25,16 @@ def change_event(system: str, database: str, record: ChangeRecord, tx: Transacti
         "before": record.before,
         "after": record.after,
         "source": {
-            "system": system, "database": database, "schema": table.schema, "table": table.name,
-            "lsn": record.lsn, "commit_lsn": tx.commit_lsn, "xid": tx.xid,
-            "commit_ts": tx.commit_ts, "origin": tx.origin, "snapshot": False,
+            "system": system,
+            "database": database,
+            "schema": table.schema,
+            "table": table.name,
+            "lsn": record.lsn,
+            "commit_lsn": tx.commit_lsn,
+            "xid": tx.xid,
+            "commit_ts": tx.commit_ts,
+            "origin": tx.origin,
+            "snapshot": False,
         },
         "txn": {"id": f"{tx.xid}:{tx.commit_lsn:X}", "order": record.order, "total": total},
         "ts_ms": ts_ms if ts_ms is not None else int(time.time() * 1000),
@@ -30,8 +43,15 @@ def change_event(system: str, database: str, record: ChangeRecord, tx: Transacti
     }
 
 
-def snapshot_event(system: str, database: str, table: TableInfo, row: dict[str, Any], snapshot_lsn: int,
-                   order: int, ts_ms: int) -> dict[str, Any]:
+def snapshot_event(
+    system: str,
+    database: str,
+    table: TableInfo,
+    row: dict[str, Any],
+    snapshot_lsn: int,
+    order: int,
+    ts_ms: int,
+) -> dict[str, Any]:
     """The envelope of a row read by a snapshot (op ``r``)."""
     return {
         "event_id": f"{system}:{snapshot_lsn:016X}:r:{table.qualified}:{order}",
@@ -39,9 +59,16 @@ def snapshot_event(system: str, database: str, table: TableInfo, row: dict[str, 
         "before": None,
         "after": row,
         "source": {
-            "system": system, "database": database, "schema": table.schema, "table": table.name,
-            "lsn": snapshot_lsn, "commit_lsn": snapshot_lsn, "xid": None, "commit_ts": None,
-            "origin": None, "snapshot": True,
+            "system": system,
+            "database": database,
+            "schema": table.schema,
+            "table": table.name,
+            "lsn": snapshot_lsn,
+            "commit_lsn": snapshot_lsn,
+            "xid": None,
+            "commit_ts": None,
+            "origin": None,
+            "snapshot": True,
         },
         "txn": None,
         "ts_ms": ts_ms,
@@ -50,15 +77,32 @@ def snapshot_event(system: str, database: str, table: TableInfo, row: dict[str, 
     }
 
 
-def dead_letter(stage: str, reason: str, error_class: str, *, system: str | None, table: str | None,
-                lsn: int | None, original_json: str | None = None, original_key: bytes | None = None,
-                original_value: bytes | None = None, source_topic: str | None = None) -> dict[str, Any]:
+def dead_letter(
+    stage: str,
+    reason: str,
+    error_class: str,
+    *,
+    system: str | None,
+    table: str | None,
+    lsn: int | None,
+    original_json: str | None = None,
+    original_key: bytes | None = None,
+    original_value: bytes | None = None,
+    source_topic: str | None = None,
+) -> dict[str, Any]:
     """A dead-letter record: why, where from, and the original (as far as it can be kept)."""
     return {
-        "reason": reason, "error_class": error_class, "source_topic": source_topic,
-        "source_system": system, "source_table": table, "source_lsn": lsn,
-        "original_key": original_key, "original_value": original_value, "original_json": original_json,
-        "ts_ms": int(time.time() * 1000), "stage": stage,
+        "reason": reason,
+        "error_class": error_class,
+        "source_topic": source_topic,
+        "source_system": system,
+        "source_table": table,
+        "source_lsn": lsn,
+        "original_key": original_key,
+        "original_value": original_value,
+        "original_json": original_json,
+        "ts_ms": int(time.time() * 1000),
+        "stage": stage,
     }
 
 
@@ -66,7 +110,16 @@ def rejected_dead_letter(system: str, rejected: RejectedChange, tx: Transaction)
     """Dead letter of a row the assembler could not convert."""
     import orjson
 
-    original = orjson.dumps({"xid": tx.xid, "commit_lsn": tx.commit_lsn, "order": rejected.order,
-                             "tuple": rejected.raw}, default=str).decode()
-    return dead_letter("capture", rejected.reason, rejected.error_class, system=system,
-                       table=f"{rejected.schema}.{rejected.table}", lsn=rejected.lsn, original_json=original)
+    original = orjson.dumps(
+        {"xid": tx.xid, "commit_lsn": tx.commit_lsn, "order": rejected.order, "tuple": rejected.raw},
+        default=str,
+    ).decode()
+    return dead_letter(
+        "capture",
+        rejected.reason,
+        rejected.error_class,
+        system=system,
+        table=f"{rejected.schema}.{rejected.table}",
+        lsn=rejected.lsn,
+        original_json=original,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -30,11 +31,12 @@ class TopicSpec:
 
 def admin_client(bootstrap: str) -> AdminClient:
     """An AdminClient that gives up quickly on a broker that is not there."""
-    return AdminClient({
+    config: dict[str, Any] = {
         "bootstrap.servers": bootstrap,
         "socket.connection.setup.timeout.ms": 3000,
         "logger": RDKAFKA_LOG,
-    })
+    }
+    return AdminClient(config)
 
 
 def check_broker(bootstrap: str, timeout: float = 6.0) -> int:
@@ -43,7 +45,8 @@ def check_broker(bootstrap: str, timeout: float = 6.0) -> int:
         metadata = admin_client(bootstrap).list_topics(timeout=timeout)
     except KafkaException as exc:
         raise ConfigError(
-            ENV_KAFKA_BOOTSTRAP, f"no Kafka broker answers at {bootstrap} within {timeout:g} s ({exc.args[0].str()})"
+            ENV_KAFKA_BOOTSTRAP,
+            f"no Kafka broker answers at {bootstrap} within {timeout:g} s ({exc.args[0].str()})",
         ) from None
     return len(metadata.brokers)
 
@@ -59,9 +62,14 @@ def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], timeout: float = 3
     except KafkaException as exc:
         raise ConfigError(ENV_KAFKA_BOOTSTRAP, f"cannot list topics at {bootstrap}: {exc.args[0]}") from None
     missing = [
-        NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication_factor,
-                 config=dict(s.config))
-        for name, s in wanted.items() if name not in existing
+        NewTopic(
+            s.name,
+            num_partitions=s.partitions,
+            replication_factor=s.replication_factor,
+            config=dict(s.config),
+        )
+        for name, s in wanted.items()
+        if name not in existing
     ]
     created: list[str] = []
     if not missing:

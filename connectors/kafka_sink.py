@@ -67,10 +67,21 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
 class ChangeProducer:
     """Encodes envelopes, produces them keyed by primary key, dead-letters what cannot go."""
 
-    def __init__(self, bootstrap: str, tracker: FlushTracker, *, system: str, database: str,
-                 topic_for: Callable[[str, str], str], dead_letter_topic: str, partitions: int,
-                 max_message_bytes: int = 1_000_000, on_wait: Callable[[], None] | None = None,
-                 metrics: Any = None, config: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        tracker: FlushTracker,
+        *,
+        system: str,
+        database: str,
+        topic_for: Callable[[str, str], str],
+        dead_letter_topic: str,
+        partitions: int,
+        max_message_bytes: int = 1_000_000,
+        on_wait: Callable[[], None] | None = None,
+        metrics: Any = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
         self.producer = Producer(producer_config(bootstrap, error_cb=self._on_error, **(config or {})))
         self.tracker = tracker
         self.system = system
@@ -100,8 +111,15 @@ class ChangeProducer:
             raise FatalProduceError(self.fatal)
 
     # -- producing ----------------------------------------------------------------------
-    def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
-                 on_delivery: Callable[[Any, Any], None], partition: int | None = None) -> None:
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, str | bytes | None]],
+        on_delivery: Callable[[Any, Any], None],
+        partition: int | None = None,
+    ) -> None:
         produce = self.producer.produce
         while True:
             try:
@@ -118,25 +136,52 @@ class ChangeProducer:
                 if self.on_wait is not None:
                     self.on_wait()
 
-    def send_event(self, event: dict[str, Any], key: bytes | None, unit: PendingUnit,
-                   json_columns: frozenset[str] = frozenset(), partition: int | None = None) -> None:
+    def send_event(
+        self,
+        event: dict[str, Any],
+        key: bytes | None,
+        unit: PendingUnit,
+        json_columns: frozenset[str] = frozenset(),
+        partition: int | None = None,
+    ) -> None:
         """Encode and produce one envelope; on failure produce a dead letter instead."""
         source = event["source"]
         topic = self.topic_for(source["schema"], source["table"])
         try:
             value = self.codec.encode(event, json_columns)
         except Exception as exc:
-            self.send_dead_letter(dead_letter(
-                "capture", f"cannot encode the change event: {exc}", type(exc).__name__, system=self.system,
-                table=f"{source['schema']}.{source['table']}", lsn=source["lsn"],
-                original_json=_safe_json(event), original_key=key, source_topic=topic), unit, "encode")
+            self.send_dead_letter(
+                dead_letter(
+                    "capture",
+                    f"cannot encode the change event: {exc}",
+                    type(exc).__name__,
+                    system=self.system,
+                    table=f"{source['schema']}.{source['table']}",
+                    lsn=source["lsn"],
+                    original_json=_safe_json(event),
+                    original_key=key,
+                    source_topic=topic,
+                ),
+                unit,
+                "encode",
+            )
             return
         if len(value) + (len(key) if key else 0) > self.max_message_bytes:
-            self.send_dead_letter(dead_letter(
-                "capture", f"change event of {len(value)} bytes is over the {self.max_message_bytes}-byte limit",
-                "MessageTooLarge", system=self.system, table=f"{source['schema']}.{source['table']}",
-                lsn=source["lsn"], original_key=key, source_topic=topic,
-                original_json=_safe_json(event, limit=self.max_message_bytes // 4)), unit, "oversized")
+            self.send_dead_letter(
+                dead_letter(
+                    "capture",
+                    f"change event of {len(value)} bytes is over the {self.max_message_bytes}-byte limit",
+                    "MessageTooLarge",
+                    system=self.system,
+                    table=f"{source['schema']}.{source['table']}",
+                    lsn=source["lsn"],
+                    original_key=key,
+                    source_topic=topic,
+                    original_json=_safe_json(event, limit=self.max_message_bytes // 4),
+                ),
+                unit,
+                "oversized",
+            )
             return
         self.tracker.add(unit)
         self._produce(topic, key, value, [(SCHEMA_HEADER, CHANGE_SCHEMA)], self.tracker.callback(unit), partition)
@@ -145,17 +190,31 @@ class ChangeProducer:
     def send_dead_letter(self, record: dict[str, Any], unit: PendingUnit, reason: str) -> None:
         value = self.dl_codec.encode(record)
         if len(value) > self.max_message_bytes:
-            record = {**record, "original_json": (record.get("original_json") or "")[: self.max_message_bytes // 4],
-                      "original_value": None}
+            record = {
+                **record,
+                "original_json": (record.get("original_json") or "")[: self.max_message_bytes // 4],
+                "original_value": None,
+            }
             value = self.dl_codec.encode(record)
         self.tracker.add(unit)
-        self._produce(self.dead_letter_topic, record.get("original_key"), value,
-                      [(SCHEMA_HEADER, DEAD_LETTER_SCHEMA)], self.tracker.callback(unit))
+        self._produce(
+            self.dead_letter_topic,
+            record.get("original_key"),
+            value,
+            [(SCHEMA_HEADER, DEAD_LETTER_SCHEMA)],
+            self.tracker.callback(unit),
+        )
         self.dead_lettered += 1
         if self.metrics is not None:
             self.metrics.DEAD_LETTERS.labels("capture", reason).inc()
-        log.warning("dead letter", extra={"reason": record["reason"], "table": record.get("source_table"),
-                                          "lsn": record.get("source_lsn")})
+        log.warning(
+            "dead letter",
+            extra={
+                "reason": record["reason"],
+                "table": record.get("source_table"),
+                "lsn": record.get("source_lsn"),
+            },
+        )
 
     def send_batch(self, batch: TransactionBatch, unit: PendingUnit) -> int:
         """Produce every record of a transaction batch into ``unit``; return how many.
@@ -176,7 +235,7 @@ class ChangeProducer:
         tx_source = source_tx_suffix(tx.commit_lsn, tx.xid, tx.commit_ts, tx.origin, False)
         txn = txn_prefix(f"{tx.xid}:{tx.commit_lsn:X}")
         eid_prefix = f"{system}:{tx.commit_lsn:016X}:"
-        headers = [(SCHEMA_HEADER, CHANGE_SCHEMA)]
+        headers: list[tuple[str, str | bytes | None]] = [(SCHEMA_HEADER, CHANGE_SCHEMA)]
         per_table: dict[int, tuple[bytes, bytes, str]] = {}
         for record in batch.records:
             if type(record) is not ChangeRecord:
@@ -194,19 +253,29 @@ class ChangeProducer:
                 parts = per_table[id(table)] = (
                     source_table_prefix(system, database, table.schema, table.name),
                     event_tail(total, ts_ms, table.key_columns, table.unknown_types),
-                    self.topic_for(table.schema, table.name))
+                    self.topic_for(table.schema, table.name),
+                )
             key = key_bytes(system, table.schema, table.name, record.key)
             eid = f"{eid_prefix}{record.order}"
             try:
-                value = encode_change(eid, op, record.before, record.after, parts[0], record.lsn, tx_source, txn,
-                                      record.order, parts[1], table.json_columns)
-            except Exception:  # noqa: BLE001 - the slow path dead-letters it with the reason
-                self.send_event(change_event(system, database, record, tx, total, ts_ms), key, unit,
-                                table.json_columns)
+                value = encode_change(
+                    eid,
+                    op,
+                    record.before,
+                    record.after,
+                    parts[0],
+                    record.lsn,
+                    tx_source,
+                    txn,
+                    record.order,
+                    parts[1],
+                    table.json_columns,
+                )
+            except Exception:
+                self.send_event(change_event(system, database, record, tx, total, ts_ms), key, unit, table.json_columns)
                 continue
             if len(value) + len(key) > limit:
-                self.send_event(change_event(system, database, record, tx, total, ts_ms), key, unit,
-                                table.json_columns)
+                self.send_event(change_event(system, database, record, tx, total, ts_ms), key, unit, table.json_columns)
                 continue
             unit.pending += 1
             try:

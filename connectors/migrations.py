@@ -37,7 +37,7 @@ def apply_migrations(conn: psycopg.Connection[Any], system: str) -> list[str]:
                 log.warning("applied migration changed since", extra={"migration": name, "system": system})
             continue
         with conn.transaction():
-            conn.execute(sql.encode())  # type: ignore[call-overload]
+            conn.execute(sql.encode())
             conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (name, sha256) VALUES (%s, %s)", (name, digest))
         applied.append(name)
         log.info("migration applied", extra={"migration": name, "system": system})

@@ -253,9 +253,7 @@ def str_to_lsn(text: str) -> int:
     """Parse ``'16/B374D848'`` (either case, surrounding whitespace ignored) into an integer LSN."""
     m = _LSN_RE.fullmatch(text.strip())
     if m is None:
-        raise ValueError(
-            f"invalid LSN {text[:80]!r}: expected two hex numbers of up to 8 digits, as 16/B374D848"
-        )
+        raise ValueError(f"invalid LSN {text[:80]!r}: expected two hex numbers of up to 8 digits, as 16/B374D848")
     return (int(m.group(1), 16) << 32) | int(m.group(2), 16)
 
 
@@ -616,9 +614,7 @@ def encode_message(msg: PgOutputMessage) -> bytes:
     if isinstance(msg, Begin):
         return b"B" + _BEGIN.pack(msg.final_lsn, datetime_to_pg_micros(msg.commit_ts), msg.xid)
     if isinstance(msg, Commit):
-        return b"C" + _COMMIT.pack(
-            msg.flags, msg.commit_lsn, msg.end_lsn, datetime_to_pg_micros(msg.commit_ts)
-        )
+        return b"C" + _COMMIT.pack(msg.flags, msg.commit_lsn, msg.end_lsn, datetime_to_pg_micros(msg.commit_ts))
     if isinstance(msg, Relation):
         identity = msg.replica_identity.encode("ascii")
         if len(identity) != 1:

@@ -199,9 +199,7 @@ def _date(text: str, _fromiso: Callable[[str], date] = date.fromisoformat) -> da
     raise ValueError("expected YYYY-MM-DD")
 
 
-def _timestamp(
-    text: str, _fromiso: Callable[[str], datetime] = datetime.fromisoformat
-) -> datetime | UnknownValue:
+def _timestamp(text: str, _fromiso: Callable[[str], datetime] = datetime.fromisoformat) -> datetime | UnknownValue:
     try:
         value = _fromiso(text)
     except ValueError:
@@ -214,9 +212,7 @@ def _timestamp(
     return value
 
 
-def _timestamptz(
-    text: str, _fromiso: Callable[[str], datetime] = datetime.fromisoformat
-) -> datetime | UnknownValue:
+def _timestamptz(text: str, _fromiso: Callable[[str], datetime] = datetime.fromisoformat) -> datetime | UnknownValue:
     try:
         value = _fromiso(text)
     except ValueError:
@@ -407,9 +403,7 @@ def _make_array_converter(array_oid: int, element_oid: int) -> _Converter:
         try:
             return element_conv(text)
         except (ValueError, ArithmeticError) as exc:
-            raise ValueConversionError(
-                element_oid, element_name, text, str(exc) or type(exc).__name__
-            ) from exc
+            raise ValueConversionError(element_oid, element_name, text, str(exc) or type(exc).__name__) from exc
 
     def convert(text: str) -> object:
         try:
@@ -445,9 +439,7 @@ def _type_name(type_oid: int, type_names: Mapping[int, str] | None) -> str | Non
 def _conversion_error(
     type_oid: int, type_names: Mapping[int, str] | None, text: str, exc: Exception
 ) -> ValueConversionError:
-    return ValueConversionError(
-        type_oid, _type_name(type_oid, type_names), text, str(exc) or type(exc).__name__
-    )
+    return ValueConversionError(type_oid, _type_name(type_oid, type_names), text, str(exc) or type(exc).__name__)
 
 
 def convert_text(type_oid: int, text: str, type_names: Mapping[int, str] | None = None) -> object:

@@ -157,8 +157,7 @@ def _varint(n: int) -> bytes:
     if n < 0x40000000000:
         return _C14[n & 0x3FFF] + _C14[(n >> 14) & 0x3FFF] + _ZZ_SMALL[n >> 28]
     if n < 0x100000000000000:
-        return b"".join((_C14[n & 0x3FFF], _C14[(n >> 14) & 0x3FFF], _C14[(n >> 28) & 0x3FFF],
-                         _ZZ_SMALL[n >> 42]))
+        return b"".join((_C14[n & 0x3FFF], _C14[(n >> 14) & 0x3FFF], _C14[(n >> 28) & 0x3FFF], _ZZ_SMALL[n >> 42]))
     if n >> 64:
         raise OverflowError("integer does not fit an Avro long")
     return _varint_loop(n)
@@ -189,8 +188,7 @@ def _json_text(value: Any) -> bytes:
     try:
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     except orjson.JSONEncodeError:  # e.g. integers beyond 64 bits: the stdlib handles them exactly
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode()
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 _LONG_NUMBER = re.compile(rb"\d{19}")
@@ -499,11 +497,13 @@ def source_table_prefix(system: str, database: str, schema: str, table: str) -> 
     return _source_prefix(system, database, schema, table)
 
 
-def source_tx_suffix(commit_lsn: int, xid: int | None, commit_ts: Any, origin: str | None,
-                     snapshot: bool) -> bytes:
+def source_tx_suffix(commit_lsn: int, xid: int | None, commit_ts: Any, origin: str | None, snapshot: bool) -> bytes:
     """Encoded trailing ``source`` fields every event of one transaction shares (after ``lsn``)."""
-    parts: list[bytes] = [_zz(commit_lsn), b"\x00" if xid is None else b"\x02" + _zz(xid),
-                          b"\x00" if commit_ts is None else b"\x02" + _zz(_ts_micros(commit_ts))]
+    parts: list[bytes] = [
+        _zz(commit_lsn),
+        b"\x00" if xid is None else b"\x02" + _zz(xid),
+        b"\x00" if commit_ts is None else b"\x02" + _zz(_ts_micros(commit_ts)),
+    ]
     if origin is None:
         parts.append(b"\x00")
     else:
@@ -522,10 +522,13 @@ def txn_prefix(txn_id: str | None) -> bytes:
     return b"".join(parts)
 
 
-def event_tail(total: int | None, ts_ms: int, key_columns: Collection[str], unknown_types: Mapping[str, str]
-               ) -> bytes:
+def event_tail(total: int | None, ts_ms: int, key_columns: Collection[str], unknown_types: Mapping[str, str]) -> bytes:
     """Encoded fields after ``txn.order``: total, ts_ms, key_columns, unknown_types."""
-    parts: list[bytes] = [b"\x00" if total is None else b"\x02" + _zz(total), _zz(ts_ms), _key_columns(key_columns)]
+    parts: list[bytes] = [
+        b"\x00" if total is None else b"\x02" + _zz(total),
+        _zz(ts_ms),
+        _key_columns(key_columns),
+    ]
     if unknown_types:
         parts.append(_zz(len(unknown_types)))
         for k, v in unknown_types.items():
@@ -728,8 +731,11 @@ class ChangeEventCodec:
         Raises TypeError/ValueError/OverflowError/KeyError for a value or field that cannot be encoded.
         """
         if json_columns:
-            event = {**event, "before": _mark_json(event.get("before"), json_columns),
-                     "after": _mark_json(event.get("after"), json_columns)}
+            event = {
+                **event,
+                "before": _mark_json(event.get("before"), json_columns),
+                "after": _mark_json(event.get("after"), json_columns),
+            }
         if self.engine == "fastavro":
             return self._encode_fastavro(event)
         parts: list[bytes] = []
@@ -782,9 +788,20 @@ class ChangeEventCodec:
         ap(b"\x00")
         return b"".join(parts)
 
-    def encode_change(self, event_id: str, op: str, before: Mapping[str, Any] | None,
-                      after: Mapping[str, Any] | None, table_prefix: bytes, lsn: int, tx_source: bytes,
-                      txn: bytes, order: int, tail: bytes, json_columns: Collection[str] = ()) -> bytes:
+    def encode_change(
+        self,
+        event_id: str,
+        op: str,
+        before: Mapping[str, Any] | None,
+        after: Mapping[str, Any] | None,
+        table_prefix: bytes,
+        lsn: int,
+        tx_source: bytes,
+        txn: bytes,
+        order: int,
+        tail: bytes,
+        json_columns: Collection[str] = (),
+    ) -> bytes:
         """The capture's fast path: the same bytes as :meth:`encode`, from precomputed parts.
 
         ``table_prefix`` is :func:`source_table_prefix`, ``tx_source`` :func:`source_tx_suffix` (the
@@ -903,9 +920,23 @@ class ChangeEventCodec:
         def dec_null(data: bytes, pos: int) -> tuple[Any, int]:
             return None, pos
 
-        by_index: list[_Decoder] = [dec_null, _dec_bool, _read_long, _dec_double, dec_str, dec_bytes,
-                                    _dec_decimal, _dec_tstz, _dec_local_ts, _dec_date, _dec_uuid, _dec_json,
-                                    dec_unknown, dec_array, dec_unchanged]
+        by_index: list[_Decoder] = [
+            dec_null,
+            _dec_bool,
+            _read_long,
+            _dec_double,
+            dec_str,
+            dec_bytes,
+            _dec_decimal,
+            _dec_tstz,
+            _dec_local_ts,
+            _dec_date,
+            _dec_uuid,
+            _dec_json,
+            dec_unknown,
+            dec_array,
+            dec_unchanged,
+        ]
         cell_dec: list[_Decoder] = [_dec_bad] * 256
         for i, fn in enumerate(by_index):
             cell_dec[i << 1] = fn
@@ -1206,8 +1237,9 @@ def _key_default(v: Any) -> Any:
     raise TypeError(f"cannot render {type(v).__qualname__} in a key")
 
 
-_KEY_OPTS: Final = (orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
-                    | orjson.OPT_NON_STR_KEYS)
+_KEY_OPTS: Final = (
+    orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_NON_STR_KEYS
+)
 
 
 def key_bytes(system: str, schema: str, table: str, key: Mapping[str, Any]) -> bytes:
@@ -1217,8 +1249,11 @@ def key_bytes(system: str, schema: str, table: str, key: Mapping[str, Any]) -> b
     rendered JSON-safe: Decimal as exact text, aware datetimes as UTC ISO-8601 (so the same instant
     always gives the same key), dates ISO, UUID text, bytes base64, unknown values as their text.
     """
-    return orjson.dumps({"system": system, "schema": schema, "table": table, "key": dict(key)},
-                        default=_key_default, option=_KEY_OPTS)
+    return orjson.dumps(
+        {"system": system, "schema": schema, "table": table, "key": dict(key)},
+        default=_key_default,
+        option=_KEY_OPTS,
+    )
 
 
 def _human_default(v: Any) -> Any:

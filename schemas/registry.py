@@ -230,39 +230,47 @@ class _Checker:
 
         if wk == "union":
             for branch in w:
-                target = self._union_target(r, branch, reader_is_new) if rk == "union" else (
-                    r if self._matches(r, branch, reader_is_new, exact=False) else None)
+                target = (
+                    self._union_target(r, branch, reader_is_new)
+                    if rk == "union"
+                    else (r if self._matches(r, branch, reader_is_new, exact=False) else None)
+                )
                 if target is None:
                     if rk == "union":
                         label = self._fmt(branch, w_old)
                         what = "removed" if reader_is_new else "added"
                         self._add(f"{path}: union branch {label} {what}", reader_is_new)
                     else:
-                        self._add(f"{path}: type changed from {self._fmt(old, True)} to "
-                                  f"{self._fmt(new, False)}", reader_is_new)
+                        self._add(
+                            f"{path}: type changed from {self._fmt(old, True)} to {self._fmt(new, False)}",
+                            reader_is_new,
+                        )
                     continue
                 self.check(target, branch, path, reader_is_new)
             return
         if rk == "union":
             target = self._union_target(r, w, reader_is_new)
             if target is None:
-                self._add(f"{path}: type changed from {self._fmt(old, True)} to {self._fmt(new, False)}",
-                          reader_is_new)
+                self._add(
+                    f"{path}: type changed from {self._fmt(old, True)} to {self._fmt(new, False)}",
+                    reader_is_new,
+                )
             else:
                 self.check(target, w, path, reader_is_new)
             return
 
         if rk != wk and rk not in _PROMOTIONS.get(wk, ()):
-            self._add(f"{path}: type changed from {self._fmt(old, True)} to {self._fmt(new, False)}",
-                      reader_is_new)
+            self._add(f"{path}: type changed from {self._fmt(old, True)} to {self._fmt(new, False)}", reader_is_new)
             return
         if rk != wk:  # legal one-way promotion; the other direction fails on its own pass
             return
         r_logical = r.get("logicalType") if isinstance(r, dict) else None
         w_logical = w.get("logicalType") if isinstance(w, dict) else None
         if r_logical != w_logical:
-            self._add(f"{path}: logical type changed from {self._fmt(old, True)} to "
-                      f"{self._fmt(new, False)}", reader_is_new)
+            self._add(
+                f"{path}: logical type changed from {self._fmt(old, True)} to {self._fmt(new, False)}",
+                reader_is_new,
+            )
         if rk in ("record", "enum", "fixed"):
             key = (r["name"], w["name"], reader_is_new)
             if key in self._seen:
@@ -270,8 +278,7 @@ class _Checker:
             self._seen.add(key)
             aliases = {_short(a) for a in r.get("aliases", ())}
             if _short(r["name"]) != _short(w["name"]) and _short(w["name"]) not in aliases:
-                self._add(f"{path}: {rk} renamed from {_short(old['name'])} to {_short(new['name'])}",
-                          reader_is_new)
+                self._add(f"{path}: {rk} renamed from {_short(old['name'])} to {_short(new['name'])}", reader_is_new)
                 return
             getattr(self, f"_check_{rk}")(r, w, path, reader_is_new)
         elif rk == "array":
@@ -308,8 +315,10 @@ class _Checker:
     def _check_fixed(self, r: dict[str, Any], w: dict[str, Any], path: str, reader_is_new: bool) -> None:
         if r.get("size") != w.get("size"):
             old, new = (w, r) if reader_is_new else (r, w)
-            self._add(f"{path}: fixed {_short(r['name'])} size changed from {old.get('size')} to "
-                      f"{new.get('size')}", reader_is_new)
+            self._add(
+                f"{path}: fixed {_short(r['name'])} size changed from {old.get('size')} to {new.get('size')}",
+                reader_is_new,
+            )
 
 
 def check_evolution(old_schema: Any, new_schema: Any, mode: str = "full") -> list[str]:
@@ -336,8 +345,7 @@ def check_evolution(old_schema: Any, new_schema: Any, mode: str = "full") -> lis
         reader, writer = (new, old) if reader_is_new else (old, new)
         checker.check(reader, writer, root, reader_is_new)
     order = ("BACKWARD", "FORWARD")
-    return [f"{msg} [breaks {'+'.join(d for d in order if d in dirs)}]"
-            for msg, dirs in checker.issues.items()]
+    return [f"{msg} [breaks {'+'.join(d for d in order if d in dirs)}]" for msg, dirs in checker.issues.items()]
 
 
 def _check_pairs(index: dict[str, dict[int, Path]], mode: str) -> Iterable[str]:

@@ -123,8 +123,15 @@ class _Reader:
         at = f":{line}" if line else ""
         return TopologyError(f"{self.path}{at}: {where}: {problem}")
 
-    def get(self, data: Mapping[str, Any], keys: tuple[str | int, ...], key: str, kind: type | tuple[type, ...],
-            default: Any = ..., allowed: set[str] | None = None) -> Any:
+    def get(
+        self,
+        data: Mapping[str, Any],
+        keys: tuple[str | int, ...],
+        key: str,
+        kind: type | tuple[type, ...],
+        default: Any = ...,
+        allowed: set[str] | None = None,
+    ) -> Any:
         if key not in data:
             if default is ...:
                 raise self.fail(keys, f"missing required key {key!r}")
@@ -152,8 +159,16 @@ def _parse_source(r: _Reader, name: str, data: Any) -> Source:
     keys: tuple[str | int, ...] = ("sources", name)
     if not IDENT.match(name):
         raise r.fail(keys, "a source name is lower-case letters, digits and _")
-    known = {"dsn_env", "slot", "publication", "tables", "heartbeat_seconds", "snapshot",
-             "snapshot_chunk_rows", "max_message_bytes"}
+    known = {
+        "dsn_env",
+        "slot",
+        "publication",
+        "tables",
+        "heartbeat_seconds",
+        "snapshot",
+        "snapshot_chunk_rows",
+        "max_message_bytes",
+    }
     m = r.mapping(data, keys, known)
     tables = r.get(m, keys, "tables", list)
     if not tables:
@@ -197,8 +212,22 @@ def parse_topology(text: str, path: str = "<memory>") -> Topology:
         at = f":{mark.line + 1}" if mark is not None else ""
         raise TopologyError(f"{path}{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
     r = _Reader(path, lines)
-    top = r.mapping(data, (), {"version", "name", "topics", "sources", "appliers", "aggregates", "mappings",
-                               "rules", "flows", "ownership"})
+    top = r.mapping(
+        data,
+        (),
+        {
+            "version",
+            "name",
+            "topics",
+            "sources",
+            "appliers",
+            "aggregates",
+            "mappings",
+            "rules",
+            "flows",
+            "ownership",
+        },
+    )
     version = r.get(top, (), "version", int)
     if version != 1:
         raise r.fail(("version",), f"unsupported topology version {version} (this archsync reads version 1)")
@@ -220,8 +249,14 @@ def parse_topology(text: str, path: str = "<memory>") -> Topology:
     for i, applier in enumerate(appliers):
         if not isinstance(applier, str) or not IDENT.match(applier):
             raise r.fail(("appliers", i), f"expected a replication origin name, got {applier!r}")
-    return Topology(name=r.get(top, (), "name", str, Path(path).stem), topics=topics, sources=sources,
-                    appliers=tuple(appliers), path=path, raw=top)
+    return Topology(
+        name=r.get(top, (), "name", str, Path(path).stem),
+        topics=topics,
+        sources=sources,
+        appliers=tuple(appliers),
+        path=path,
+        raw=top,
+    )
 
 
 def load_topology(path: str | Path | None = None) -> Topology:

@@ -59,14 +59,16 @@ class SourceFixture:
                 try:
                     drop_slot(conn, self.slot, terminate=True)
                     break
-                except Exception:  # noqa: BLE001 - walsender still exiting
+                except Exception:
                     time.sleep(0.2)
             forget_snapshots(conn, self.slot)
             conn.execute(f"DROP PUBLICATION IF EXISTS p_{self.unique}")
             for t in self.tables:
                 conn.execute(f"DROP TABLE IF EXISTS {t} CASCADE")
-        delete_topics(self.settings.kafka_bootstrap,
-                      [self.topic(t) for t in self.tables] + [f"{self.prefix}.dlq.capture"])
+        delete_topics(
+            self.settings.kafka_bootstrap,
+            [self.topic(t) for t in self.tables] + [f"{self.prefix}.dlq.capture"],
+        )
 
 
 class CaptureThread:
@@ -80,7 +82,7 @@ class CaptureThread:
     def _run(self) -> None:
         try:
             self.service.run()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             self.error = exc
 
     def __enter__(self) -> CaptureThread:
@@ -102,12 +104,23 @@ class CaptureThread:
             raise self.error
 
 
-def consume(settings: Settings, topics: Iterable[str], until: Callable[[list[dict[str, Any]]], bool],
-            timeout: float = 60, dead_letters: bool = False) -> list[dict[str, Any]]:
+def consume(
+    settings: Settings,
+    topics: Iterable[str],
+    until: Callable[[list[dict[str, Any]]], bool],
+    timeout: float = 60,
+    dead_letters: bool = False,
+) -> list[dict[str, Any]]:
     """Read the topics from the beginning, decoding records, until ``until(records)`` or timeout."""
     codec: Any = DeadLetterCodec() if dead_letters else ChangeEventCodec()
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"test-{time.time_ns()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"test-{time.time_ns()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe(list(topics))
     out: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout

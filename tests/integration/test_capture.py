@@ -42,7 +42,8 @@ def test_ops_and_types_arrive_as_committed(source: SourceFixture) -> None:
         events = consume(source.settings, [source.topic(t)], lambda ev: sum(e["op"] == "t" for e in ev) >= 2)
     by_op = [(e["op"], (e["after"] or e["before"] or {}).get("id")) for e in events if e["op"] != "t"]
     assert by_op == [("r", 1), ("c", 2), ("u", 2), ("d", 1)] or sorted(by_op) == sorted(
-        [("r", 1), ("c", 2), ("u", 2), ("d", 1)])
+        [("r", 1), ("c", 2), ("u", 2), ("d", 1)]
+    )
     created = next(e for e in events if e["op"] == "c")
     after = created["after"]
     assert after["amount"] == Decimal("12345678901234.5678")
@@ -110,11 +111,18 @@ def test_oversized_row_goes_to_dead_letters_and_stream_goes_on(settings: Setting
     try:
         with CaptureThread(src) as cap:
             cap.wait_streaming()
-            src.sql(f"INSERT INTO {t} SELECT 1, string_agg(md5(i::text), '') FROM generate_series(1, 2000) i",
-                    f"INSERT INTO {t} VALUES (2, 'small')")
+            src.sql(
+                f"INSERT INTO {t} SELECT 1, string_agg(md5(i::text), '') FROM generate_series(1, 2000) i",
+                f"INSERT INTO {t} VALUES (2, 'small')",
+            )
             events = consume(settings, [src.topic(t)], lambda ev: len(ev) >= 1, timeout=30)
-            dead = consume(settings, [f"{src.prefix}.dlq.capture"], lambda ev: len(ev) >= 1, timeout=30,
-                           dead_letters=True)
+            dead = consume(
+                settings,
+                [f"{src.prefix}.dlq.capture"],
+                lambda ev: len(ev) >= 1,
+                timeout=30,
+                dead_letters=True,
+            )
         assert [e["after"]["id"] for e in events] == [2]
         assert len(dead) == 1 and "over the 20000-byte limit" in dead[0]["reason"]
         assert dead[0]["source_table"] == f"public.{t}" and dead[0]["source_lsn"]

@@ -30,8 +30,18 @@ class CaptureProcess:
         self.log_file = log_file
         self.handle = log_file.open("ab")
         self.proc = subprocess.Popen(
-            [str(REPO / ".venv" / "bin" / "archsync"), "--topology", str(topology_file), "capture", "--source", "oa"],
-            stdout=self.handle, stderr=self.handle, env=env)
+            [
+                str(REPO / ".venv" / "bin" / "archsync"),
+                "--topology",
+                str(topology_file),
+                "capture",
+                "--source",
+                "oa",
+            ],
+            stdout=self.handle,
+            stderr=self.handle,
+            env=env,
+        )
 
     def streaming(self) -> bool:
         return b'"msg":"streaming"' in self.log_file.read_bytes()
@@ -81,8 +91,9 @@ def workload_source(settings: Settings, unique: str) -> Iterator[SourceFixture]:
     src.cleanup()
 
 
-def test_kill_9_during_100k_changes_loses_nothing(workload_source: SourceFixture, tmp_path: Path,
-                                                 proc_env: dict[str, str]) -> None:
+def test_kill_9_during_100k_changes_loses_nothing(
+    workload_source: SourceFixture, tmp_path: Path, proc_env: dict[str, str]
+) -> None:
     src = workload_source
     t = src.tables[0]
     topo = tmp_path / "topology.yaml"
@@ -94,11 +105,16 @@ def test_kill_9_during_100k_changes_loses_nothing(workload_source: SourceFixture
     def workload() -> None:
         with connect(src.settings.oa_dsn, "ARCHSYNC_OA_DSN", autocommit=True) as conn:
             for start in range(0, 50_000, chunk):  # 50k inserts
-                conn.execute(f"INSERT INTO {t} SELECT i, 0, md5(i::text) FROM generate_series(%s::int, %s::int) i",
-                             (start, start + chunk - 1))
+                conn.execute(
+                    f"INSERT INTO {t} SELECT i, 0, md5(i::text) FROM generate_series(%s::int, %s::int) i",
+                    (start, start + chunk - 1),
+                )
                 time.sleep(0.02)
             for start in range(0, 30_000, chunk):  # 30k updates
-                conn.execute(f"UPDATE {t} SET v = v + 1 WHERE id BETWEEN %s::int AND %s::int", (start, start + chunk - 1))
+                conn.execute(
+                    f"UPDATE {t} SET v = v + 1 WHERE id BETWEEN %s::int AND %s::int",
+                    (start, start + chunk - 1),
+                )
                 time.sleep(0.02)
             for start in range(30_000, 50_000, chunk):  # 20k deletes
                 conn.execute(f"DELETE FROM {t} WHERE id BETWEEN %s::int AND %s::int", (start, start + chunk - 1))
@@ -130,8 +146,12 @@ def test_kill_9_during_100k_changes_loses_nothing(workload_source: SourceFixture
     finally:
         proc.stop()
 
-    events = consume(src.settings, [src.topic(t)], lambda ev: len(ev) >= topic_size(src.settings, src.topic(t), 2),
-                     timeout=120)
+    events = consume(
+        src.settings,
+        [src.topic(t)],
+        lambda ev: len(ev) >= topic_size(src.settings, src.topic(t), 2),
+        timeout=120,
+    )
     seen: set[tuple[int, str, int]] = set()
     ids = Counter(e["event_id"] for e in events)
     for e in events:
@@ -196,8 +216,12 @@ def test_idle_slot_follows_busy_other_database(settings: Settings, unique: str) 
 
 def test_added_table_is_snapshotted_alone(settings: Settings, unique: str) -> None:
     first = SourceFixture(settings, unique, [f"a_{unique}"])
-    first.sql(f"CREATE TABLE a_{unique} (id int PRIMARY KEY)", f"CREATE TABLE b_{unique} (id int PRIMARY KEY)",
-              f"INSERT INTO a_{unique} VALUES (1)", f"INSERT INTO b_{unique} VALUES (100), (101)")
+    first.sql(
+        f"CREATE TABLE a_{unique} (id int PRIMARY KEY)",
+        f"CREATE TABLE b_{unique} (id int PRIMARY KEY)",
+        f"INSERT INTO a_{unique} VALUES (1)",
+        f"INSERT INTO b_{unique} VALUES (100), (101)",
+    )
     both = SourceFixture(settings, unique, [f"a_{unique}", f"b_{unique}"])
     try:
         with CaptureThread(first) as cap:
@@ -205,11 +229,16 @@ def test_added_table_is_snapshotted_alone(settings: Settings, unique: str) -> No
         with CaptureThread(both) as cap:
             cap.wait_streaming()
             both.sql(f"INSERT INTO b_{unique} VALUES (102)", f"INSERT INTO a_{unique} VALUES (2)")
-            events = consume(settings, [both.topic(f"a_{unique}"), both.topic(f"b_{unique}")],
-                             lambda ev: len(ev) >= 5)
+            events = consume(settings, [both.topic(f"a_{unique}"), both.topic(f"b_{unique}")], lambda ev: len(ev) >= 5)
         summary = sorted((e["_topic"].rsplit(".", 1)[1], e["op"], e["after"]["id"]) for e in events)
-        assert summary == sorted([
-            (f"a_{unique}", "r", 1), (f"a_{unique}", "c", 2),
-            (f"b_{unique}", "r", 100), (f"b_{unique}", "r", 101), (f"b_{unique}", "c", 102)])
+        assert summary == sorted(
+            [
+                (f"a_{unique}", "r", 1),
+                (f"a_{unique}", "c", 2),
+                (f"b_{unique}", "r", 100),
+                (f"b_{unique}", "r", 101),
+                (f"b_{unique}", "c", 102),
+            ]
+        )
     finally:
         both.cleanup()

@@ -8,8 +8,9 @@ from pathlib import Path
 
 
 def run_archsync(args: list[str], env: dict[str, str], repo: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(repo / ".venv" / "bin" / "archsync"), *args], env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [str(repo / ".venv" / "bin" / "archsync"), *args], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], setting: str) -> None:
@@ -46,8 +47,14 @@ def test_port_taken(env_with: dict[str, str], repo: Path, tmp_path: Path) -> Non
         squatter.listen()
         port = squatter.getsockname()[1]
         env = {**env_with, "ARCHSYNC_KAFKA_PORT": str(port), "ARCHSYNC_STATE_DIR": str(tmp_path)}
-        result = subprocess.run([str(repo / "scripts" / "services.sh"), "up", "kafka"], env=env, cwd=repo,
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [str(repo / "scripts" / "services.sh"), "up", "kafka"],
+            env=env,
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert result.returncode != 0
     assert f"port {port}" in result.stderr and "taken" in result.stderr
     assert "ARCHSYNC_KAFKA" in result.stderr

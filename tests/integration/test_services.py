@@ -15,9 +15,10 @@ from connectors.postgres import connect
 
 def test_kafka_round_trip_compacted_idempotent_group(settings: Settings, unique: str) -> None:
     topic = f"test.foundation.{unique}"
-    created = ensure_topics(settings.kafka_bootstrap, [
-        TopicSpec(topic, partitions=3, config={"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.01"})
-    ])
+    created = ensure_topics(
+        settings.kafka_bootstrap,
+        [TopicSpec(topic, partitions=3, config={"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.01"})],
+    )
     assert created == [topic]
     assert ensure_topics(settings.kafka_bootstrap, [TopicSpec(topic, partitions=3)]) == []  # idempotent
     try:
@@ -26,17 +27,26 @@ def test_kafka_round_trip_compacted_idempotent_group(settings: Settings, unique:
         configs = admin.describe_configs([resource])[resource].result()
         assert configs["cleanup.policy"].value == "compact"
 
-        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True,
-                             "acks": "all"})
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "acks": "all"})
         acked: list[str] = []
         for i in range(200):
-            producer.produce(topic, key=f"k{i % 20}".encode(), value=f"v{i}".encode(),
-                             on_delivery=lambda err, msg: acked.append("ok" if err is None else str(err)))
+            producer.produce(
+                topic,
+                key=f"k{i % 20}".encode(),
+                value=f"v{i}".encode(),
+                on_delivery=lambda err, msg: acked.append("ok" if err is None else str(err)),
+            )
         assert producer.flush(30) == 0
         assert acked == ["ok"] * 200
 
-        consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"g-{unique}",
-                             "auto.offset.reset": "earliest", "enable.auto.commit": False})
+        consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "group.id": f"g-{unique}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
         consumer.subscribe([topic])
         seen: dict[str, list[str]] = {}
         deadline = time.monotonic() + 60
@@ -76,15 +86,24 @@ def test_reference_schemas_accept_minimal_rows(settings: Settings, unique: str) 
             "INSERT INTO oa_form (id, form_no, form_type, status, amount) VALUES (%s, %s, 'EXPENSE', 'DRAFT', 10.05)",
             (9_000_000_000 + int(unique[:6], 16), f"T-{unique}"),
         )
-        row = conn.execute("SELECT amount, archive_code, archive_status FROM oa_form WHERE form_no = %s",
-                           (f"T-{unique}",)).fetchone()
+        row = conn.execute(
+            "SELECT amount, archive_code, archive_status FROM oa_form WHERE form_no = %s", (f"T-{unique}",)
+        ).fetchone()
         assert row is not None and str(row[0]) == "10.05" and row[1] is None
         conn.rollback()
     with connect(settings.archive_dsn, "ARCHSYNC_ARCHIVE_DSN") as conn:
-        cols = {r[0] for r in conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'arc_item'")}
-        assert {"archive_code", "source_system", "source_ref", "status", "retention_code",
-                "expire_date"} <= cols
+        cols = {
+            r[0]
+            for r in conn.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'arc_item'")
+        }
+        assert {
+            "archive_code",
+            "source_system",
+            "source_ref",
+            "status",
+            "retention_code",
+            "expire_date",
+        } <= cols
 
 
 def test_services_up_twice_is_harmless(repo) -> None:  # type: ignore[no-untyped-def]

@@ -62,18 +62,23 @@ def reference() -> ChangeEventCodec:
     return ChangeEventCodec(engine="fastavro")
 
 
-def make_event(
-    after: dict[str, Any] | None, before: dict[str, Any] | None = None, **kw: Any
-) -> dict[str, Any]:
+def make_event(after: dict[str, Any] | None, before: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
     event: dict[str, Any] = {
         "event_id": event_id("oa", 0x16B3748, 2),
         "op": "u",
         "before": before,
         "after": after,
         "source": {
-            "system": "oa", "database": "oa_db", "schema": "public", "table": "approval",
-            "lsn": 0x16B3700, "commit_lsn": 0x16B3748, "xid": 7781,
-            "commit_ts": datetime(2024, 5, 1, 12, 0, 0, 1, tzinfo=UTC), "origin": None, "snapshot": False,
+            "system": "oa",
+            "database": "oa_db",
+            "schema": "public",
+            "table": "approval",
+            "lsn": 0x16B3700,
+            "commit_lsn": 0x16B3748,
+            "xid": 7781,
+            "commit_ts": datetime(2024, 5, 1, 12, 0, 0, 1, tzinfo=UTC),
+            "origin": None,
+            "snapshot": False,
         },
         "txn": {"id": "7781:23803720", "order": 2, "total": 3},
         "ts_ms": 1714564800123,
@@ -112,30 +117,91 @@ def same(a: Any, b: Any) -> bool:
 
 
 CELLS: list[Any] = [
-    None, True, False, 0, 1, -1, 63, -64, 64, 8191, 8192, 2**31, 2**63 - 1, -(2**63),
-    0.0, -2.5, 1e300, float("inf"), float("-inf"), float("nan"),
-    "", "a", "héllo ✓ 中文", "x" * 4095, "y" * 4096, "z" * 70000,
-    b"", b"\x00\xff", bytes(range(256)) * 40, bytearray(b"abc"), memoryview(b"mv"),
-    Decimal("0"), Decimal("-0"), Decimal("12345678901234567890.123456789"), Decimal("-12.500"),
-    Decimal("0.0000001"), Decimal("-0.000000000000000000000000000001"), Decimal("1" * 200 + "." + "9" * 200),
-    Decimal("NaN"), Decimal("Infinity"), Decimal("-Infinity"),
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    63,
+    -64,
+    64,
+    8191,
+    8192,
+    2**31,
+    2**63 - 1,
+    -(2**63),
+    0.0,
+    -2.5,
+    1e300,
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+    "",
+    "a",
+    "héllo ✓ 中文",
+    "x" * 4095,
+    "y" * 4096,
+    "z" * 70000,
+    b"",
+    b"\x00\xff",
+    bytes(range(256)) * 40,
+    bytearray(b"abc"),
+    memoryview(b"mv"),
+    Decimal("0"),
+    Decimal("-0"),
+    Decimal("12345678901234567890.123456789"),
+    Decimal("-12.500"),
+    Decimal("0.0000001"),
+    Decimal("-0.000000000000000000000000000001"),
+    Decimal("1" * 200 + "." + "9" * 200),
+    Decimal("NaN"),
+    Decimal("Infinity"),
+    Decimal("-Infinity"),
     datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=UTC),
     datetime(2024, 5, 1, 20, 30, 15, 123456, tzinfo=timezone(timedelta(hours=8))),
-    datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime(1, 1, 1, tzinfo=UTC),
+    datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    datetime(1, 1, 1, tzinfo=UTC),
     datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=5))),
-    datetime(2024, 5, 1, 12, 30, 15, 123456), datetime(1, 1, 1), datetime(9999, 12, 31, 23, 59, 59, 999999),
+    datetime(2024, 5, 1, 12, 30, 15, 123456),
+    datetime(1, 1, 1),
+    datetime(9999, 12, 31, 23, 59, 59, 999999),
     datetime(1900, 2, 28, 0, 0, 0, 1),
-    date(2024, 2, 29), date(1970, 1, 1), date(1, 1, 1), date(9999, 12, 31), date(1969, 12, 31),
-    uuid.UUID("123e4567-e89b-12d3-a456-426614174000"), uuid.UUID(int=0), uuid.uuid4(),
+    date(2024, 2, 29),
+    date(1970, 1, 1),
+    date(1, 1, 1),
+    date(9999, 12, 31),
+    date(1969, 12, 31),
+    uuid.UUID("123e4567-e89b-12d3-a456-426614174000"),
+    uuid.UUID(int=0),
+    uuid.uuid4(),
     {"b": [1, 2, {"z": None, "a": True}], "a": "x", "n": 1.5, "big": 12345678901234567890123},
-    {}, JsonValue([1, "two", None]), JsonValue("just a string"), JsonValue(None), JsonValue(3),
-    [], [1, None, 3], ["a", None, "ü"], [[1, 2], [3, 4]], [[["deep"]], [[]]], (1, 2),
-    [Decimal("1.10"), Decimal("NaN")], [datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 1)],
-    [date(2024, 1, 1)], [uuid.UUID(int=1)], [True, False], [1.5, -0.0], [b"\x01", b""], [{"a": 1}],
+    {},
+    JsonValue([1, "two", None]),
+    JsonValue("just a string"),
+    JsonValue(None),
+    JsonValue(3),
+    [],
+    [1, None, 3],
+    ["a", None, "ü"],
+    [[1, 2], [3, 4]],
+    [[["deep"]], [[]]],
+    (1, 2),
+    [Decimal("1.10"), Decimal("NaN")],
+    [datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 1)],
+    [date(2024, 1, 1)],
+    [uuid.UUID(int=1)],
+    [True, False],
+    [1.5, -0.0],
+    [b"\x01", b""],
+    [{"a": 1}],
     [UnknownValue(16400, "mood", "happy"), None],
-    UnknownValue(16400, "mood", "happy"), UnknownValue(3904, "int4range", "[1,10)"),
-    UnknownValue(99999, None, "opaque text"), UnknownText("citext", "Hello"),
-    UNCHANGED_TOAST, UNCHANGED,
+    UnknownValue(16400, "mood", "happy"),
+    UnknownValue(3904, "int4range", "[1,10)"),
+    UnknownValue(99999, None, "opaque text"),
+    UnknownText("citext", "Hello"),
+    UNCHANGED_TOAST,
+    UNCHANGED,
 ]
 
 
@@ -166,8 +232,19 @@ def test_aware_datetimes_come_back_in_utc(codec: ChangeEventCodec) -> None:
 
 def test_decimal_exact(codec: ChangeEventCodec) -> None:
     d = Decimal("12345678901234567890.123456789")
-    out = codec.decode(codec.encode(make_event({"d": d, "neg": -d, "nan": Decimal("NaN"),
-                                                "small": Decimal("-0.0000001"), "z": Decimal("0.00")})))
+    out = codec.decode(
+        codec.encode(
+            make_event(
+                {
+                    "d": d,
+                    "neg": -d,
+                    "nan": Decimal("NaN"),
+                    "small": Decimal("-0.0000001"),
+                    "z": Decimal("0.00"),
+                }
+            )
+        )
+    )
     after = out["after"]
     assert after["d"] == d and str(after["d"]) == "12345678901234567890.123456789"
     assert after["neg"] == -d and after["neg"].is_signed()
@@ -202,8 +279,17 @@ def test_injected_sentinel_and_unknown_factory() -> None:
 
     for engine in ("builtin", "fastavro"):
         c = ChangeEventCodec(unchanged=marker, unknown_factory=factory, engine=engine)
-        out = c.decode(c.encode(make_event({"t": UNCHANGED, "u": UnknownValue(1, "mood", "sad"),
-                                            "arr": [UnknownValue(2, "mood", "ok")]})))["after"]
+        out = c.decode(
+            c.encode(
+                make_event(
+                    {
+                        "t": UNCHANGED,
+                        "u": UnknownValue(1, "mood", "sad"),
+                        "arr": [UnknownValue(2, "mood", "ok")],
+                    }
+                )
+            )
+        )["after"]
         assert out["t"] is marker
         assert out["u"] == ("unknown", "mood", "sad")
         assert out["arr"] == [("unknown", "mood", "ok")]
@@ -213,9 +299,10 @@ def test_injected_sentinel_and_unknown_factory() -> None:
 
 
 def test_unknown_text_kept_and_unknown_types_recorded(codec: ChangeEventCodec) -> None:
-    event = make_event({"id": 1, "mood": UnknownValue(16400, "mood", "happy"),
-                        "geo": UnknownValue(600, None, "(1,2)")},
-                       before={"id": 1, "mood": UnknownValue(16400, "mood", "sad")})
+    event = make_event(
+        {"id": 1, "mood": UnknownValue(16400, "mood", "happy"), "geo": UnknownValue(600, None, "(1,2)")},
+        before={"id": 1, "mood": UnknownValue(16400, "mood", "sad")},
+    )
     out = codec.decode(codec.encode(event))
     assert out["after"]["mood"] == UnknownText("mood", "happy")
     assert out["before"]["mood"] == UnknownText("mood", "sad")
@@ -259,8 +346,7 @@ def test_envelope_round_trip(codec: ChangeEventCodec, reference: ChangeEventCode
 
 @pytest.mark.parametrize("op", ["c", "u", "d", "r", "t"])
 def test_ops_and_optional_parts(codec: ChangeEventCodec, reference: ChangeEventCodec, op: str) -> None:
-    event = make_event(None if op in "dt" else {"id": 1}, before={"id": 1} if op == "d" else None,
-                       op=op, txn=None)
+    event = make_event(None if op in "dt" else {"id": 1}, before={"id": 1} if op == "d" else None, op=op, txn=None)
     event["source"].update(xid=None, commit_ts=None, snapshot=op == "r")
     event["key_columns"] = [] if op == "t" else ["id"]
     data = codec.encode(event)
@@ -289,8 +375,16 @@ def test_wide_row_and_long_names(codec: ChangeEventCodec, reference: ChangeEvent
 
 
 def test_json_columns_hint(codec: ChangeEventCodec, reference: ChangeEventCodec) -> None:
-    row = {"id": 1, "doc": [1, 2], "label": "plain", "js": "json string", "jn": None, "jt": UNCHANGED_TOAST,
-           "jo": {"k": 1}, "arr": [1, 2]}
+    row = {
+        "id": 1,
+        "doc": [1, 2],
+        "label": "plain",
+        "js": "json string",
+        "jn": None,
+        "jt": UNCHANGED_TOAST,
+        "jo": {"k": 1},
+        "arr": [1, 2],
+    }
     event = make_event(row)
     hinted = codec.encode(event, json_columns={"doc", "js", "jn", "jt", "jo"})
     assert hinted == reference.encode(event, json_columns={"doc", "js", "jn", "jt", "jo"})
@@ -362,8 +456,16 @@ def test_decode_errors(codec: ChangeEventCodec) -> None:
 def test_readable_by_apache_avro(codec: ChangeEventCodec) -> None:
     with pytest.warns(Warning, match="local-timestamp-micros"):  # unknown to avro 1.12: read as long
         schema = avro.schema.parse(json.dumps(registry.schema_dict("change_event")))
-    event = make_event({"id": 1, "amount": Decimal("-1.50"), "doc": UNCHANGED_TOAST,
-                        "tags": [["a"], []], "u": uuid.UUID(int=5), "m": UnknownValue(1, "mood", "ok")})
+    event = make_event(
+        {
+            "id": 1,
+            "amount": Decimal("-1.50"),
+            "doc": UNCHANGED_TOAST,
+            "tags": [["a"], []],
+            "u": uuid.UUID(int=5),
+            "m": UnknownValue(1, "mood", "ok"),
+        }
+    )
     decoded = avro.io.DatumReader(schema).read(avro.io.BinaryDecoder(io.BytesIO(codec.encode(event))))
     after = decoded["after"]
     assert after["id"] == 1
@@ -382,8 +484,10 @@ def test_event_id_deterministic() -> None:
     assert event_id("oa", 2**64 - 1, 10) == "oa:FFFFFFFFFFFFFFFF:10"
     assert len({event_id("oa", lsn, o) for lsn in (1, 2) for o in (1, 2)}) == 4
     # ids sort by commit position within a system for LSNs < 2**64
-    assert sorted([event_id("oa", 0x10, 1), event_id("oa", 0x9, 1)]) == [event_id("oa", 0x9, 1),
-                                                                           event_id("oa", 0x10, 1)]
+    assert sorted([event_id("oa", 0x10, 1), event_id("oa", 0x9, 1)]) == [
+        event_id("oa", 0x9, 1),
+        event_id("oa", 0x10, 1),
+    ]
     with pytest.raises(ValueError):
         event_id("oa", -1, 1)
 
@@ -396,21 +500,42 @@ def test_key_bytes_deterministic() -> None:
     assert key_bytes("oa", "public", "a", {"id": 5}) != key_bytes("archive", "public", "a", {"id": 5})
     # JSON-safe, and the same instant gives the same key whatever its offset
     t8 = datetime(2024, 5, 1, 20, 0, tzinfo=timezone(timedelta(hours=8)))
-    key = {"d": Decimal("10.50"), "t": t8, "n": datetime(2024, 5, 1), "day": date(2024, 5, 1),
-           "u": uuid.UUID(int=1), "b": b"\x00\x01", "x": UnknownValue(1, "mood", "ok")}
+    key = {
+        "d": Decimal("10.50"),
+        "t": t8,
+        "n": datetime(2024, 5, 1),
+        "day": date(2024, 5, 1),
+        "u": uuid.UUID(int=1),
+        "b": b"\x00\x01",
+        "x": UnknownValue(1, "mood", "ok"),
+    }
     parsed = orjson.loads(key_bytes("oa", "s", "t", key))["key"]
-    assert parsed == {"d": "10.50", "t": "2024-05-01T12:00:00+00:00", "n": "2024-05-01T00:00:00",
-                      "day": "2024-05-01", "u": "00000000-0000-0000-0000-000000000001", "b": "AAE=",
-                      "x": "ok"}
+    assert parsed == {
+        "d": "10.50",
+        "t": "2024-05-01T12:00:00+00:00",
+        "n": "2024-05-01T00:00:00",
+        "day": "2024-05-01",
+        "u": "00000000-0000-0000-0000-000000000001",
+        "b": "AAE=",
+        "x": "ok",
+    }
     assert key_bytes("oa", "s", "t", {"t": t8}) == key_bytes("oa", "s", "t", {"t": t8.astimezone(UTC)})
     with pytest.raises(TypeError):  # orjson.JSONEncodeError
         key_bytes("oa", "s", "t", {"id": UNCHANGED_TOAST})
 
 
 def test_to_json_for_humans(codec: ChangeEventCodec) -> None:
-    event = make_event({"d": Decimal("1.10"), "b": b"\xff", "t": UNCHANGED_TOAST,
-                        "m": UnknownValue(1, "mood", "ok"),
-                        "ts": datetime(2024, 1, 1, tzinfo=UTC), "u": uuid.UUID(int=2), "j": JsonValue([1])})
+    event = make_event(
+        {
+            "d": Decimal("1.10"),
+            "b": b"\xff",
+            "t": UNCHANGED_TOAST,
+            "m": UnknownValue(1, "mood", "ok"),
+            "ts": datetime(2024, 1, 1, tzinfo=UTC),
+            "u": uuid.UUID(int=2),
+            "j": JsonValue([1]),
+        }
+    )
     for ev in (event, codec.decode(codec.encode(event))):
         out = orjson.loads(to_json(ev))
         after = out["after"]
@@ -426,8 +551,9 @@ def test_to_json_for_humans(codec: ChangeEventCodec) -> None:
 
 def test_to_cell_from_cell_inverse() -> None:
     for value in CELLS:
-        assert same(from_cell(to_cell(value)), normalize(value)) or (value is UNCHANGED_TOAST and from_cell(
-            to_cell(value)) is UNCHANGED)
+        assert same(from_cell(to_cell(value)), normalize(value)) or (
+            value is UNCHANGED_TOAST and from_cell(to_cell(value)) is UNCHANGED
+        )
 
 
 def test_dead_letter_round_trip() -> None:
@@ -435,14 +561,27 @@ def test_dead_letter_round_trip() -> None:
     try:
         raise OverflowError("integer 18446744073709551616 does not fit an Avro long")
     except OverflowError as exc:
-        record = dl.build(exc, "encode", source_topic="archsync.oa.public.orders", source_system="oa",
-                          source_table="public.orders", source_lsn=123, original_json=b'{"id": 1}')
+        record = dl.build(
+            exc,
+            "encode",
+            source_topic="archsync.oa.public.orders",
+            source_system="oa",
+            source_table="public.orders",
+            source_lsn=123,
+            original_json=b'{"id": 1}',
+        )
     assert record["error_class"] == "builtins.OverflowError"
     assert record["reason"].startswith("integer")
     out = dl.decode(dl.encode(record))
     assert out == record
-    minimal = dl.build("message too large", "produce", error="KafkaError", original_key=b"k",
-                       original_value=b"v" * 10, ts_ms=5)
+    minimal = dl.build(
+        "message too large",
+        "produce",
+        error="KafkaError",
+        original_key=b"k",
+        original_value=b"v" * 10,
+        ts_ms=5,
+    )
     assert dl.decode(dl.encode(minimal)) == minimal
     assert minimal["source_topic"] is None and minimal["error_class"] == "KafkaError"
     with pytest.raises(Exception):  # noqa: B017 - fastavro raises its own error classes

@@ -208,9 +208,7 @@ def test_restart_and_healthchecks_well_formed(services: dict[str, dict[str, Any]
         if not check or check.get("disable"):
             continue
         test = check["test"]
-        assert isinstance(test, str) or (
-            isinstance(test, list) and test[0] in {"CMD", "CMD-SHELL", "NONE"}
-        ), name
+        assert isinstance(test, str) or (isinstance(test, list) and test[0] in {"CMD", "CMD-SHELL", "NONE"}), name
         for key in ("interval", "timeout", "start_period"):
             if key in check:
                 assert DURATION_RE.match(str(check[key])), f"{name}: healthcheck {key}={check[key]!r}"

@@ -272,9 +272,7 @@ def test_insert_all_column_kinds() -> None:
         + text_col("héllo, 世界")
     )
     msg = decode_message(raw)
-    assert msg == Insert(
-        relation_oid=16384, new=("42", None, UNCHANGED_TOAST, b"\x00\x01\xff", "héllo, 世界")
-    )
+    assert msg == Insert(relation_oid=16384, new=("42", None, UNCHANGED_TOAST, b"\x00\x01\xff", "héllo, 世界"))
     assert isinstance(msg, Insert)
     assert msg.new[1] is None
     assert msg.new[2] is UNCHANGED_TOAST
@@ -296,18 +294,7 @@ def test_update_without_old_tuple() -> None:
 
 def test_update_with_key_old_tuple() -> None:
     # REPLICA IDENTITY DEFAULT and the key changed: old holds the key columns, the rest are null.
-    raw = (
-        b"U"
-        + u32(16384)
-        + b"K"
-        + i16(2)
-        + text_col("1")
-        + b"n"
-        + b"N"
-        + i16(2)
-        + text_col("2")
-        + text_col("x")
-    )
+    raw = b"U" + u32(16384) + b"K" + i16(2) + text_col("1") + b"n" + b"N" + i16(2) + text_col("2") + text_col("x")
     msg = decode_message(raw)
     assert msg == Update(relation_oid=16384, old=("1", None), old_kind="K", new=("2", "x"))
     assert encode_message(msg) == raw
@@ -330,9 +317,7 @@ def test_update_with_full_old_tuple_and_toast() -> None:
         + b"u"
     )
     msg = decode_message(raw)
-    assert msg == Update(
-        relation_oid=7, old=("1", "old", "big"), old_kind="O", new=("1", "new", UNCHANGED_TOAST)
-    )
+    assert msg == Update(relation_oid=7, old=("1", "old", "big"), old_kind="O", new=("1", "new", UNCHANGED_TOAST))
     assert isinstance(msg, Update)
     assert msg.new[2] is UNCHANGED_TOAST
     assert msg.new[2] is not None
@@ -543,9 +528,7 @@ def _random_message(rng: random.Random) -> PgOutputMessage:
         return Origin(lsn, _random_text(rng).replace("\x00", ""))
     if kind == 3:
         columns = tuple(
-            RelationColumn(
-                rng.random() < 0.3, _random_text(rng), rng.randrange(2**32), rng.randrange(-(2**31), 2**31)
-            )
+            RelationColumn(rng.random() < 0.3, _random_text(rng), rng.randrange(2**32), rng.randrange(-(2**31), 2**31))
             for _ in range(rng.randrange(0, 6))
         )
         return Relation(oid, _random_text(rng), _random_text(rng), rng.choice("dnfi"), columns)

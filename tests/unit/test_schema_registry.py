@@ -54,14 +54,38 @@ def test_change_event_shape() -> None:
     raw = registry.schema_dict("change_event", 1)
     assert raw["namespace"] == "io.archsync"
     fields = {f["name"]: f for f in raw["fields"]}
-    assert list(fields) == ["event_id", "op", "before", "after", "source", "txn", "ts_ms", "key_columns",
-                            "unknown_types"]
+    assert list(fields) == [
+        "event_id",
+        "op",
+        "before",
+        "after",
+        "source",
+        "txn",
+        "ts_ms",
+        "key_columns",
+        "unknown_types",
+    ]
     assert fields["op"]["type"]["symbols"] == ["c", "u", "d", "r", "t"]
     assert fields["unknown_types"]["default"] == {}
     cell = fields["before"]["type"][1]["values"]
     names = [b if isinstance(b, str) else b["name"] for b in cell]
-    assert names == ["null", "boolean", "long", "double", "string", "bytes", "Decimal", "TimestampTz",
-                     "LocalTimestamp", "Date", "Uuid", "Json", "Unknown", "Array", "Unchanged"]
+    assert names == [
+        "null",
+        "boolean",
+        "long",
+        "double",
+        "string",
+        "bytes",
+        "Decimal",
+        "TimestampTz",
+        "LocalTimestamp",
+        "Date",
+        "Uuid",
+        "Json",
+        "Unknown",
+        "Array",
+        "Unchanged",
+    ]
     # `after` refers to the same named records; Array items refer to them (and to Array) by name
     assert fields["after"]["type"][1]["values"][6:] == [f"io.archsync.{n}" for n in names[6:]]
     array = cell[13]
@@ -90,9 +114,11 @@ def test_identical_and_compatible_changes() -> None:
     # removing a field that has a default is fine both ways
     assert check_evolution(added, BASE) == []
     # docs and field order do not matter; string <-> bytes is a two-way promotion
-    reordered = record(field("name", "bytes", doc="now bytes"),
-                       field("note", ["null", "string"], default=None),
-                       field("id", "long"))
+    reordered = record(
+        field("name", "bytes", doc="now bytes"),
+        field("note", ["null", "string"], default=None),
+        field("id", "long"),
+    )
     assert check_evolution(BASE, reordered) == []
 
 
@@ -111,20 +137,27 @@ def test_removed_field_without_default() -> None:
 
 
 def test_illegal_type_change() -> None:
-    new = record(field("id", "string"), field("name", "string"),
-                 field("note", ["null", "string"], default=None))
+    new = record(field("id", "string"), field("name", "string"), field("note", ["null", "string"], default=None))
     assert check_evolution(BASE, new) == ["R.id: type changed from long to string [breaks BACKWARD+FORWARD]"]
 
 
-@pytest.mark.parametrize(("old", "new"), [("int", "long"), ("int", "float"), ("int", "double"),
-                                          ("long", "float"), ("long", "double"), ("float", "double")])
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("int", "long"),
+        ("int", "float"),
+        ("int", "double"),
+        ("long", "float"),
+        ("long", "double"),
+        ("float", "double"),
+    ],
+)
 def test_promotions(old: str, new: str) -> None:
     a, b = record(field("x", old)), record(field("x", new))
     assert check_evolution(a, b, mode="backward") == []
     # a promotion is one-way: old readers cannot read the wider type
     assert check_evolution(a, b) == [f"R.x: type changed from {old} to {new} [breaks FORWARD]"]
-    assert check_evolution(b, a, mode="backward") == [
-        f"R.x: type changed from {new} to {old} [breaks BACKWARD]"]
+    assert check_evolution(b, a, mode="backward") == [f"R.x: type changed from {new} to {old} [breaks BACKWARD]"]
 
 
 def test_enum_symbols() -> None:
@@ -150,14 +183,17 @@ def test_union_branches() -> None:
     # making a field nullable: new readers fine, old readers cannot read null
     plain, nullable = record(field("v", "string")), record(field("v", ["null", "string"], default=None))
     assert check_evolution(plain, nullable, mode="backward") == []
-    assert check_evolution(plain, nullable) == [
-        "R.v: type changed from string to [null, string] [breaks FORWARD]"]
+    assert check_evolution(plain, nullable) == ["R.v: type changed from string to [null, string] [breaks FORWARD]"]
 
 
 def test_nested_records_arrays_maps() -> None:
     inner = {"type": "record", "name": "Inner", "fields": [field("a", "int")]}
-    old = record(field("rec", inner), field("arr", {"type": "array", "items": "string"}),
-                 field("map", {"type": "map", "values": ["null", "long"]}), field("again", "Inner"))
+    old = record(
+        field("rec", inner),
+        field("arr", {"type": "array", "items": "string"}),
+        field("map", {"type": "map", "values": ["null", "long"]}),
+        field("again", "Inner"),
+    )
     new = copy.deepcopy(old)
     new["fields"][0]["type"]["fields"][0]["type"] = "string"
     new["fields"][1]["type"]["items"] = "int"
@@ -178,13 +214,18 @@ def test_nested_records_arrays_maps() -> None:
 
 
 def test_logical_type_and_fixed() -> None:
-    old = record(field("t", {"type": "long", "logicalType": "timestamp-micros"}),
-                 field("f", {"type": "fixed", "name": "F", "size": 4}))
-    new = record(field("t", {"type": "long", "logicalType": "timestamp-millis"}),
-                 field("f", {"type": "fixed", "name": "F", "size": 8}))
+    old = record(
+        field("t", {"type": "long", "logicalType": "timestamp-micros"}),
+        field("f", {"type": "fixed", "name": "F", "size": 4}),
+    )
+    new = record(
+        field("t", {"type": "long", "logicalType": "timestamp-millis"}),
+        field("f", {"type": "fixed", "name": "F", "size": 8}),
+    )
     problems = check_evolution(old, new)
-    assert ("R.t: logical type changed from long(timestamp-micros) to long(timestamp-millis) "
-            "[breaks BACKWARD+FORWARD]") in problems
+    assert (
+        "R.t: logical type changed from long(timestamp-micros) to long(timestamp-millis) [breaks BACKWARD+FORWARD]"
+    ) in problems
     assert "R.f: fixed F size changed from 4 to 8 [breaks BACKWARD+FORWARD]" in problems
 
 
@@ -202,9 +243,11 @@ def test_change_event_evolution() -> None:
     for f in v3["fields"]:
         if f["name"] in ("before", "after"):
             f["type"][1]["values"] = [
-                b for b in f["type"][1]["values"]
+                b
+                for b in f["type"][1]["values"]
                 if b not in ("boolean", "io.archsync.Unchanged")
-                and not (isinstance(b, dict) and b["name"] == "Unchanged")]
+                and not (isinstance(b, dict) and b["name"] == "Unchanged")
+            ]
     problems = check_evolution(v1, v3)
     assert sorted(problems) == [
         "ChangeEvent.after{}: union branch boolean removed [breaks BACKWARD]",
@@ -214,8 +257,7 @@ def test_change_event_evolution() -> None:
     ]
     v4 = copy.deepcopy(v1)
     v4["fields"].append(field("required_new", "string"))
-    assert check_evolution(v1, v4) == [
-        "ChangeEvent.required_new: field added without a default [breaks BACKWARD]"]
+    assert check_evolution(v1, v4) == ["ChangeEvent.required_new: field added without a default [breaks BACKWARD]"]
 
 
 def test_bad_mode() -> None:

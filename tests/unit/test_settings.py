@@ -13,12 +13,15 @@ def test_defaults() -> None:
     assert s.dsn_for("archive").endswith("/archive")
 
 
-@pytest.mark.parametrize(("env", "setting"), [
-    ({"ARCHSYNC_OA_DSN": "mysql://x@y/z"}, "ARCHSYNC_OA_DSN"),
-    ({"ARCHSYNC_ARCHIVE_DSN": "postgresql://host-without-db"}, "ARCHSYNC_ARCHIVE_DSN"),
-    ({"ARCHSYNC_KAFKA_BOOTSTRAP": "localhost"}, "ARCHSYNC_KAFKA_BOOTSTRAP"),
-    ({"ARCHSYNC_METRICS_PORT": "http"}, "ARCHSYNC_METRICS_PORT"),
-])
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({"ARCHSYNC_OA_DSN": "mysql://x@y/z"}, "ARCHSYNC_OA_DSN"),
+        ({"ARCHSYNC_ARCHIVE_DSN": "postgresql://host-without-db"}, "ARCHSYNC_ARCHIVE_DSN"),
+        ({"ARCHSYNC_KAFKA_BOOTSTRAP": "localhost"}, "ARCHSYNC_KAFKA_BOOTSTRAP"),
+        ({"ARCHSYNC_METRICS_PORT": "http"}, "ARCHSYNC_METRICS_PORT"),
+    ],
+)
 def test_bad_settings_name_the_setting(env: dict[str, str], setting: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(env)

@@ -249,9 +249,7 @@ def test_no_floating_point_money(schema: tuple[Path, list[str], dict[str, Table]
     _, statements, tables = schema
     for table in tables.values():
         for column, definition in table.columns.items():
-            assert not FLOAT_TYPE_RE.search(_without_literals(definition)), (
-                f"{table.name}.{column} is a float"
-            )
+            assert not FLOAT_TYPE_RE.search(_without_literals(definition)), f"{table.name}.{column} is a float"
             if column in MONEY_COLUMNS:
                 assert definition.lower().startswith("numeric"), f"{table.name}.{column} must be numeric"
     for statement in statements:
@@ -273,9 +271,7 @@ def test_sha256_columns_are_checked_lowercase_hex(schema: tuple[Path, list[str],
 def test_mutable_tables_have_updated_at(schema: tuple[Path, list[str], dict[str, Table]]) -> None:
     path, statements, tables = schema
     touched = {
-        m.group(1).lower()
-        for s in statements
-        if (m := re.search(r"BEFORE\s+UPDATE\s+ON\s+(\w+)", s, re.IGNORECASE))
+        m.group(1).lower() for s in statements if (m := re.search(r"BEFORE\s+UPDATE\s+ON\s+(\w+)", s, re.IGNORECASE))
     }
     for table in tables.values():
         if "updated_at" in table.columns:
@@ -290,16 +286,12 @@ def test_foreign_keys_are_indexed(schema: tuple[Path, list[str], dict[str, Table
     _, statements, tables = schema
     leading: dict[str, set[str]] = {name: set() for name in tables}
     for s in statements:
-        m = re.match(
-            r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:IF\s+NOT\s+EXISTS\s+)?\w+\s+ON\s+(\w+)\s*\(\s*(\w+)", s, re.I
-        )
+        m = re.match(r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:IF\s+NOT\s+EXISTS\s+)?\w+\s+ON\s+(\w+)\s*\(\s*(\w+)", s, re.I)
         if m:
             leading[m.group(1).lower()].add(m.group(2).lower())
     for table in tables.values():
         for constraint in table.constraints:
-            m = re.search(
-                r"(?:PRIMARY\s+KEY|UNIQUE(?:\s+NULLS\s+NOT\s+DISTINCT)?)\s*\(\s*(\w+)", constraint, re.I
-            )
+            m = re.search(r"(?:PRIMARY\s+KEY|UNIQUE(?:\s+NULLS\s+NOT\s+DISTINCT)?)\s*\(\s*(\w+)", constraint, re.I)
             if m:
                 leading[table.name].add(m.group(1).lower())
         for column, definition in table.columns.items():
@@ -358,9 +350,7 @@ def test_arc_item_contract() -> None:
     cols = item.columns
     assert "unique" in cols["archive_code"].lower() and "not null" not in cols["archive_code"].lower()
     assert "not null" in cols["source_system"].lower() and "not null" in cols["source_ref"].lower()
-    assert any(
-        re.search(r"UNIQUE\s*\(\s*source_system\s*,\s*source_ref\s*\)", c, re.I) for c in item.constraints
-    )
+    assert any(re.search(r"UNIQUE\s*\(\s*source_system\s*,\s*source_ref\s*\)", c, re.I) for c in item.constraints)
     for status in (
         "RECEIVED",
         "CHECKED",
@@ -377,9 +367,7 @@ def test_arc_item_contract() -> None:
     assert cols["expire_date"].lower().startswith("date")
     assert "numeric" in cols["amount"].lower()
     assert "jsonb" in cols["metadata"].lower()
-    assert any(
-        re.search(r"UNIQUE\s*\(\s*item_id\s*,\s*seq\s*\)", c, re.I) for c in tables["arc_file"].constraints
-    )
+    assert any(re.search(r"UNIQUE\s*\(\s*item_id\s*,\s*seq\s*\)", c, re.I) for c in tables["arc_file"].constraints)
     sequence_pk = [c for c in tables["arc_code_sequence"].constraints if c.upper().startswith("PRIMARY KEY")]
     assert sequence_pk and re.search(r"fonds_code\s*,\s*class_code\s*,\s*fiscal_year", sequence_pk[0])
     for stage in ("FILING", "TRANSFER", "PRESERVATION"):
@@ -391,8 +379,7 @@ def test_business_events_are_append_only() -> None:
     triggers = [
         s
         for s in statements
-        if re.match(r"CREATE\s+(OR\s+REPLACE\s+)?TRIGGER", s, re.I)
-        and re.search(r"\bON\s+arc_business_event\b", s)
+        if re.match(r"CREATE\s+(OR\s+REPLACE\s+)?TRIGGER", s, re.I) and re.search(r"\bON\s+arc_business_event\b", s)
     ]
     assert triggers, "arc_business_event needs an append-only trigger"
     spec = " ".join(triggers).upper()

@@ -19,16 +19,27 @@ def test_unknown_source_lists_known() -> None:
         load_topology().source("erp")
 
 
-@pytest.mark.parametrize(("text", "needle"), [
-    ("version: 2\nsources: {}\n", ":1: version: unsupported topology version 2"),
-    ("version: 1\nsources:\n  oa:\n    tables: [oa_form]\n", ":4: sources.oa.tables.0: expected schema.table"),
-    ("version: 1\nsources:\n  oa:\n    tables: [public.t]\n    heartbeat_seconds: -1\n",
-     ":5: sources.oa.heartbeat_seconds: must be > 0"),
-    ("version: 1\nsources:\n  oa:\n    tables: [public.t]\n    colour: red\n", ":5: sources.oa.colour: unknown key"),
-    ("version: 1\nsources:\n  oa:\n    tables: [public.t]\n    snapshot: sometimes\n", "must be one of"),
-    ("version: 1\nsources: [\n", "not valid YAML"),
-    ("version: 1\n", "missing required key 'sources'"),
-])
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("version: 2\nsources: {}\n", ":1: version: unsupported topology version 2"),
+        (
+            "version: 1\nsources:\n  oa:\n    tables: [oa_form]\n",
+            ":4: sources.oa.tables.0: expected schema.table",
+        ),
+        (
+            "version: 1\nsources:\n  oa:\n    tables: [public.t]\n    heartbeat_seconds: -1\n",
+            ":5: sources.oa.heartbeat_seconds: must be > 0",
+        ),
+        (
+            "version: 1\nsources:\n  oa:\n    tables: [public.t]\n    colour: red\n",
+            ":5: sources.oa.colour: unknown key",
+        ),
+        ("version: 1\nsources:\n  oa:\n    tables: [public.t]\n    snapshot: sometimes\n", "must be one of"),
+        ("version: 1\nsources: [\n", "not valid YAML"),
+        ("version: 1\n", "missing required key 'sources'"),
+    ],
+)
 def test_errors_name_key_and_line(text: str, needle: str) -> None:
     with pytest.raises(TopologyError) as info:
         parse_topology(text, "t.yaml")

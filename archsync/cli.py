@@ -190,7 +190,7 @@ def capture(ctx: Context, source_name: str, metrics_port: int | None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     serve_metrics(metrics_port if metrics_port is not None else ctx.settings.metrics_port)
     try:
-        service.run()
+        service.run_forever()
     except KeyboardInterrupt:
         service.stop()
 

@@ -147,7 +147,7 @@ def run_demo(settings: Settings, topology: Topology, seconds: float) -> None:
     def run(svc: CaptureService) -> None:
         try:
             svc.run()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - reported, never swallowed silently
             errors.append(exc)
 
     threads = [

@@ -20,6 +20,7 @@ import orjson
 from tqdm import tqdm
 
 from archsync import metrics
+from archsync.errors import ArchsyncError
 from archsync.settings import Settings
 from connectors import catalog
 from connectors.changes import (
@@ -86,6 +87,32 @@ class CaptureService:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def run_forever(self, max_backoff: float = 30.0) -> None:
+        """Run, and after a failure (database or broker gone, stream broken) start again with
+        backoff; each restart resumes from the slot, so nothing is lost. Configuration errors
+        (wrong DSN, missing table) end it: retrying cannot fix them."""
+        backoff = 1.0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.run()
+                return
+            except ArchsyncError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - logged, counted, retried
+                kind = type(exc).__name__
+                metrics.CAPTURE_ERRORS.labels(self.name, kind).inc()
+                log.error("capture failed, restarting", extra={"source": self.name, "error": str(exc),
+                                                               "kind": kind, "retry_in_s": backoff})
+            if time.monotonic() - started > 60:
+                backoff = 1.0
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, max_backoff)
+
     # -- leadership ---------------------------------------------------------------------
     def _acquire_leadership(self, lock_conn: Any) -> bool:
         """Block until this process holds the source's advisory lock (False if stopped first)."""
@@ -146,7 +173,7 @@ class CaptureService:
         self._release_stale_walsender(admin)
         ensure_topics(self.settings.kafka_bootstrap, self._topic_specs())
 
-        tracker = FlushTracker()
+        tracker = FlushTracker(on_confirmed=metrics.PRODUCE_LATENCY.labels(self.name).observe)
         repl = ReplicationConnection(self.dsn, self.setting)
         producer = ChangeProducer(
             self.settings.kafka_bootstrap,
@@ -440,9 +467,9 @@ class CaptureService:
                 if handled % 2000 == 0:
                     producer.poll(0)
             producer.poll(0)
+            confirmed = tracker.advance()
             now = time.monotonic()
             if now - last_status >= STATUS_INTERVAL:
-                confirmed = tracker.advance()
                 repl.send_status(max(received, confirmed), confirmed)
                 self.stats.confirmed_lsn = confirmed
                 confirmed_gauge.set(confirmed)

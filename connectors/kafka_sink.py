@@ -149,7 +149,7 @@ class ChangeProducer:
         topic = self.topic_for(source["schema"], source["table"])
         try:
             value = self.codec.encode(event, json_columns)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported, never swallowed silently
             self.send_dead_letter(
                 dead_letter(
                     "capture",
@@ -271,7 +271,7 @@ class ChangeProducer:
                     parts[1],
                     table.json_columns,
                 )
-            except Exception:
+            except Exception:  # noqa: BLE001 - reported, never swallowed silently
                 self.send_event(change_event(system, database, record, tx, total, ts_ms), key, unit, table.json_columns)
                 continue
             if len(value) + len(key) > limit:
@@ -309,6 +309,6 @@ class ChangeProducer:
 def _safe_json(event: Any, limit: int | None = None) -> str:
     try:
         text = to_json(event).decode()
-    except Exception:
+    except Exception:  # noqa: BLE001 - reported, never swallowed silently
         text = orjson.dumps(event, default=repr).decode()
     return text if limit is None else text[:limit]

@@ -9,6 +9,7 @@ commit order, so the confirmable position is the end of the longest fully acknow
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -21,9 +22,10 @@ class ProduceFailed(RuntimeError):
 class PendingUnit:
     """One transaction (or heartbeat) in flight: how many of its records Kafka still owes."""
 
-    __slots__ = ("end_lsn", "failure", "on_delivery", "pending", "sealed")
+    __slots__ = ("end_lsn", "failure", "on_delivery", "opened_at", "pending", "sealed")
 
     def __init__(self, end_lsn: int) -> None:
+        self.opened_at = time.monotonic()
         self.end_lsn = end_lsn
         self.pending = 0
         self.sealed = False
@@ -34,7 +36,9 @@ class PendingUnit:
 class FlushTracker:
     """Tracks produced-but-unacknowledged records per transaction, in commit order."""
 
-    def __init__(self, confirmed_lsn: int = 0) -> None:
+    def __init__(self, confirmed_lsn: int = 0, on_confirmed: Callable[[float], None] | None = None) -> None:
+        """``on_confirmed(seconds)`` is told, per unit that became confirmable, how long it took."""
+        self.on_confirmed = on_confirmed
         self._units: deque[PendingUnit] = deque()
         self.confirmed_lsn = confirmed_lsn
         self.acked = 0
@@ -90,6 +94,8 @@ class FlushTracker:
             if not head.sealed or head.pending > 0:
                 break
             units.popleft()
+            if self.on_confirmed is not None and head.end_lsn:
+                self.on_confirmed(time.monotonic() - head.opened_at)
             if head.end_lsn > self.confirmed_lsn:
                 self.confirmed_lsn = head.end_lsn
         return self.confirmed_lsn

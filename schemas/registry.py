@@ -355,7 +355,7 @@ def _check_pairs(index: dict[str, dict[int, Path]], mode: str) -> Iterable[str]:
             try:
                 loaded[version] = json.loads(path.read_text(encoding="utf-8"))
                 fastavro.parse_schema(copy.deepcopy(loaded[version]))
-            except Exception as exc:  # report every broken file, keep checking the others
+            except Exception as exc:  # noqa: BLE001 - report every broken file, keep checking the others
                 yield f"{path.name}: cannot be parsed: {exc}"
         ordered = sorted(loaded)
         if ordered and ordered != list(range(ordered[0], ordered[0] + len(ordered))):

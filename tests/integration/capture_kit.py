@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from archsync.settings import Settings
 from connectors.capture import CaptureService
@@ -59,7 +59,7 @@ class SourceFixture:
                 try:
                     drop_slot(conn, self.slot, terminate=True)
                     break
-                except Exception:
+                except Exception:  # noqa: BLE001 - reported, never swallowed silently
                     time.sleep(0.2)
             forget_snapshots(conn, self.slot)
             conn.execute(f"DROP PUBLICATION IF EXISTS p_{self.unique}")
@@ -82,7 +82,7 @@ class CaptureThread:
     def _run(self) -> None:
         try:
             self.service.run()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - reported, never swallowed silently
             self.error = exc
 
     def __enter__(self) -> CaptureThread:
@@ -148,7 +148,10 @@ def topic_size(settings: Settings, topic: str, partitions: int) -> int:
     try:
         total = 0
         for p in range(partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            try:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            except KafkaException:  # the topic does not exist yet
+                return 0
             total += high - low
         return total
     finally:

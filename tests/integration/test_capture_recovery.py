@@ -242,3 +242,103 @@ def test_added_table_is_snapshotted_alone(settings: Settings, unique: str) -> No
         )
     finally:
         both.cleanup()
+
+
+def kafka_pid() -> int:
+    state = Path(os.environ.get("ARCHSYNC_STATE_DIR", Path.home() / ".local/state/archsync"))
+    return int((state / "kafka" / "kafka.pid").read_text())
+
+
+def confirmed_lsn(src: SourceFixture) -> int:
+    with connect(src.settings.oa_dsn, "ARCHSYNC_OA_DSN", autocommit=True) as conn:
+        return list_slots(conn, src.slot)[0].confirmed_flush_lsn or 0
+
+
+def test_lost_broker_holds_the_slot_then_delivers(workload_source: SourceFixture) -> None:
+    src = workload_source
+    t = src.tables[0]
+    pid = kafka_pid()
+    with CaptureThread(src) as cap:
+        cap.wait_streaming()
+        src.sql(f"INSERT INTO {t} VALUES (1, 0, 'before the outage')")
+        consume(src.settings, [src.topic(t)], lambda ev: len(ev) >= 1, timeout=30)
+        os.kill(pid, signal.SIGSTOP)  # the broker stops answering
+        try:
+            (_, lsn) = src.sql(
+                f"INSERT INTO {t} VALUES (2, 0, 'during the outage')", "SELECT pg_current_wal_lsn()::text"
+            )  # at or after the commit's end
+            from connectors.pgoutput import str_to_lsn
+
+            written = str_to_lsn(lsn[0][0])
+            time.sleep(4)
+            assert confirmed_lsn(src) < written, "the slot advanced past a change Kafka never acknowledged"
+            assert cap.error is None
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        events = consume(src.settings, [src.topic(t)], lambda ev: {1, 2} <= {e["after"]["id"] for e in ev}, timeout=60)
+        wait_for(lambda: confirmed_lsn(src) >= written, 30, "the slot to advance after the outage")
+    assert [e["after"]["id"] for e in events] == [1, 2]
+
+
+def test_restart_mid_snapshot_ends_consistent(
+    settings: Settings, unique: str, tmp_path: Path, proc_env: dict[str, str]
+) -> None:
+    src = SourceFixture(settings, unique, [f"snap_{unique}"])
+    t = src.tables[0]
+    src.sql(
+        f"CREATE TABLE {t} (id int PRIMARY KEY, v int NOT NULL, pad text)",
+        f"INSERT INTO {t} SELECT i, 0, repeat('p', 300) FROM generate_series(1, 60000) i",
+    )
+    topo = tmp_path / "topology.yaml"
+    topo.write_text(src.yaml.replace("snapshot_chunk_rows: 1000", "snapshot_chunk_rows: 500"))
+    try:
+        proc = CaptureProcess(topo, tmp_path / "a.log", proc_env)
+        wait_for(lambda: topic_size(settings, src.topic(t), 2) > 5000, 120, "the snapshot to be under way")
+        proc.kill()
+        emitted = topic_size(settings, src.topic(t), 2)
+        assert emitted < 60000, "the snapshot finished before the kill; make the table larger"
+        # changes while nobody captures: deletes of rows already emitted, updates, inserts
+        src.sql(
+            f"DELETE FROM {t} WHERE id <= 100",
+            f"UPDATE {t} SET v = 1 WHERE id BETWEEN 101 AND 200",
+            f"INSERT INTO {t} VALUES (70000, 7, 'new')",
+        )
+        proc = CaptureProcess(topo, tmp_path / "b.log", proc_env)
+        wait_for(proc.streaming, 120, "the restarted capture to stream")
+        src.sql(f"UPDATE {t} SET v = 2 WHERE id = 300", f"DELETE FROM {t} WHERE id = 301")
+        wait_for(lambda: caught_up(src), 60, "the capture to catch up")
+        proc.stop()
+        total = topic_size(settings, src.topic(t), 2)
+        events = consume(settings, [src.topic(t)], lambda ev: len(ev) >= total, timeout=120)
+        state: dict[int, int] = {}
+        for e in sorted(events, key=lambda e: (e["_partition"], e["_offset"])):
+            image = e["after"] if e["after"] is not None else e["before"]
+            if e["op"] == "d":
+                state.pop(image["id"], None)
+            else:
+                state[image["id"]] = image["v"]
+        rows = dict(src.sql(f"SELECT id, v FROM {t}")[0])
+        assert state == rows
+        print(f"snapshot killed after {emitted} rows; {len(events)} events replay to the table's {len(rows)} rows")
+    finally:
+        src.cleanup()
+
+
+def test_metrics_move_with_work(workload_source: SourceFixture) -> None:
+    from prometheus_client import REGISTRY
+
+    src = workload_source
+    t = src.tables[0]
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = sample("archsync_captured_events_total", source="oa", table=f"public.{t}", op="c")
+    with CaptureThread(src) as cap:
+        cap.wait_streaming()
+        src.sql(f"INSERT INTO {t} SELECT i, 0, 'x' FROM generate_series(1, 25) i")
+        consume(src.settings, [src.topic(t)], lambda ev: len(ev) >= 25, timeout=30)
+        wait_for(lambda: sample("archsync_capture_produce_latency_seconds_count", source="oa") > 0, 10, "latency")
+        assert sample("archsync_capture_active", source="oa") == 1
+    assert sample("archsync_captured_events_total", source="oa", table=f"public.{t}", op="c") - before == 25
+    assert sample("archsync_capture_confirmed_lsn", source="oa") > 0

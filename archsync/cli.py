@@ -195,6 +195,59 @@ def capture(ctx: Context, source_name: str, metrics_port: int | None) -> None:
         service.stop()
 
 
+@cli.command()
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--loglevel", type=click.Choice(["crit", "error", "warn", "info", "debug"]), default="warn")
+@pass_ctx
+def worker(ctx: Context, metrics_port: int | None, loglevel: str) -> None:
+    """Run the processors (normalise, deduplicate, transform, apply) until stopped."""
+    from archsync.metrics import serve_metrics
+    from processors.app import run_worker
+
+    serve_metrics(metrics_port if metrics_port is not None else ctx.settings.metrics_port)
+    run_worker(ctx.topology(), ctx.settings, loglevel)
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters: list them, re-drive them after a fix."""
+
+
+DLQ_STAGES = ("capture", "normalise", "transform", "apply")
+
+
+@dlq.command("list")
+@click.option("--stage", type=click.Choice(DLQ_STAGES), multiple=True, help="Default: every stage.")
+@click.option("--limit", type=int, default=100, show_default=True)
+@pass_ctx
+def dlq_list(ctx: Context, stage: tuple[str, ...], limit: int) -> None:
+    """Print dead letters (oldest first): stage, reason, source."""
+    from processors.dead_letters import read_dead_letters
+
+    shown = 0
+    for record in read_dead_letters(ctx.topology(), ctx.settings, stage or DLQ_STAGES):
+        click.echo(
+            f"{record['stage']:9} {record.get('topic', '')}@{record.get('offset', '')} "
+            f"{record.get('source', '')}  {record['reason']}"
+        )
+        shown += 1
+        if shown >= limit:
+            break
+    click.echo(f"{shown} dead letter(s)")
+
+
+@dlq.command("replay")
+@click.option("--stage", type=click.Choice(["transform", "apply"]), required=True)
+@pass_ctx
+def dlq_replay(ctx: Context, stage: str) -> None:
+    """Re-drive the dead letters of a stage not replayed yet (after fixing their cause)."""
+    from processors.dead_letters import replay_dead_letters
+
+    count = replay_dead_letters(ctx.topology(), ctx.settings, stage)
+    click.echo(f"{count} dead letter(s) of stage {stage} re-driven")
+    log.info("dead letters replayed", extra={"stage": stage, "count": count, "admin_action": True})
+
+
 @cli.group()
 def slots() -> None:
     """Replication slots of the topology's sources: list, lag, drop."""

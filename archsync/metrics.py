@@ -49,6 +49,31 @@ CAPTURE_ACTIVE = Gauge(
 HEARTBEATS = Counter("archsync_heartbeats_total", "Heartbeats that went around the source", ["source"])
 
 
+# -- worker (processors) --------------------------------------------------------------
+NORMALISED = Counter("archsync_normalised_events_total", "Captured events normalised", ["system", "table"])
+DEDUPE_HITS = Counter("archsync_dedupe_hits_total", "Duplicate events dropped", ["stage"])
+TRANSFORMED = Counter("archsync_transform_commands_total", "Apply commands produced by flows", ["flow"])
+TRANSFORM_LATENCY = Histogram(
+    "archsync_transform_latency_seconds",
+    "Time to transform one change",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
+APPLIED = Counter("archsync_applied_commands_total", "Apply commands by outcome", ["target", "outcome"])
+APPLY_LATENCY = Histogram(
+    "archsync_apply_batch_seconds",
+    "Time to apply one batch",
+    ["target"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+END_TO_END = Histogram(
+    "archsync_end_to_end_latency_seconds",
+    "Source commit to target commit",
+    ["target"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+CONFLICTS = Counter("archsync_conflicts_total", "Conflicts recorded", ["table", "decision"])
+
+
 def serve_metrics(port: int) -> None:
     """Serve /metrics on ``port`` (0: do not serve)."""
     if port:

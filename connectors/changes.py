@@ -129,6 +129,7 @@ class TransactionAssembler:
     ) -> None:
         self.key_columns = dict(key_columns)
         self.own_origins = frozenset(own_origins)
+        self._own_prefixes = tuple(f"{o}_" for o in self.own_origins)
         self.skip_below = dict(skip_below or {})
         self.keep_deletes_below = frozenset(keep_deletes_below)
         self.max_batch = max_batch
@@ -141,6 +142,11 @@ class TransactionAssembler:
         self.skipped_below_snapshot = 0
 
     # -- public -------------------------------------------------------------------------
+    def is_own_origin(self, name: str) -> bool:
+        """An applier's origin, or one of its numbered siblings (``archsync_apply_oa_2``): each
+        concurrent applier session needs an origin of its own."""
+        return name in self.own_origins or name.startswith(self._own_prefixes)
+
     @property
     def in_transaction(self) -> bool:
         return self.tx is not None
@@ -167,7 +173,7 @@ class TransactionAssembler:
             assert isinstance(msg, Origin)
             if self.tx is not None:
                 self.tx.origin = msg.name
-                if self._batch is not None and msg.name in self.own_origins:
+                if self._batch is not None and self.is_own_origin(msg.name):
                     self._batch.own_origin = True
             return None
         if kind is Truncate:

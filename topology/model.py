@@ -7,11 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from archsync.errors import ArchsyncError
+
+if TYPE_CHECKING:
+    from topology.flows import Aggregate, Flow, Ownership
 
 IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 QUALIFIED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_$]*$")
@@ -73,6 +76,9 @@ class Topology:
     appliers: tuple[str, ...]
     path: str = "<memory>"
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    aggregates: Mapping[str, Aggregate] = field(default_factory=dict)
+    ownership: Mapping[str, Ownership] = field(default_factory=dict)  # "<system>.<schema>.<table>" → owners
+    flows: tuple[Flow, ...] = ()
 
     def source(self, name: str) -> Source:
         """A source by name, or a TopologyError listing the known ones."""
@@ -249,6 +255,9 @@ def parse_topology(text: str, path: str = "<memory>") -> Topology:
     for i, applier in enumerate(appliers):
         if not isinstance(applier, str) or not IDENT.match(applier):
             raise r.fail(("appliers", i), f"expected a replication origin name, got {applier!r}")
+    from topology.flows import parse_flow_sections  # flows imports this module
+
+    aggregates, ownership, flows = parse_flow_sections(r, top, sources)
     return Topology(
         name=r.get(top, (), "name", str, Path(path).stem),
         topics=topics,
@@ -256,6 +265,9 @@ def parse_topology(text: str, path: str = "<memory>") -> Topology:
         appliers=tuple(appliers),
         path=path,
         raw=top,
+        aggregates=aggregates,
+        ownership=ownership,
+        flows=flows,
     )
 
 

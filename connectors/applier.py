@@ -1,0 +1,674 @@
+"""Writing :class:`ApplyCommand` records into a target database, effectively once.
+
+One :class:`Applier` owns one connection to one target database. :meth:`Applier.apply_batch`
+runs a whole batch in ONE target transaction, with a SAVEPOINT per source transaction and
+aggregate (a *group*): a command that cannot be applied (constraint violation, bad value,
+missing parent) rolls back its group only, which is reported in ``ApplyResult.failed`` for the
+caller to dead-letter, while the other groups commit.
+
+Loop prevention and progress: the session is bound to the replication origin
+``archsync_apply_<target>`` (``pg_replication_origin_session_setup``), so every commit is tagged
+with that origin (archsync's capture skips those transactions), and each transaction records the
+greatest source LSN of its batch (``pg_replication_origin_xact_setup``) as the origin's progress.
+
+Effectively once:
+
+``archsync_apply_guard``
+    one row per (target table, target row, source system) holding the source position of the
+    last command applied to that row from that system. A command whose position is not newer
+    is skipped (replay or older), so a later commit always wins and replays change nothing.
+    A delete keeps its guard row (a tombstone), so an older upsert cannot bring the row back.
+    Positions of different systems are never compared by LSN: across systems the commit
+    timestamp decides, for shared (ownerless) columns only.
+``archsync_applied_command``
+    the command ids of ``insert_once`` commands, written in the same transaction as the row,
+    so an append-only table never gets a duplicate.
+
+PostgreSQL 15 lets one session at a time use a replication origin: one Applier per origin.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from archsync.errors import ArchsyncError
+from connectors.pgoutput import lsn_to_str
+from connectors.postgres import connect, first_line
+from processors.model import ApplyCommand, Conflict, json_default, to_jsonable
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("upsert", "update", "insert_once", "delete")
+
+GUARD_DDL = """
+CREATE TABLE IF NOT EXISTS archsync_apply_guard (
+  target_table        text        NOT NULL,
+  target_key          text        NOT NULL,
+  source_system       text        NOT NULL,
+  source_commit_lsn   bigint      NOT NULL,
+  source_order        bigint      NOT NULL,
+  source_commit_ts_ms bigint,
+  command_id          text        NOT NULL,
+  deleted             boolean     NOT NULL DEFAULT false,
+  applied_at          timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (target_table, target_key, source_system)
+);
+COMMENT ON TABLE archsync_apply_guard IS
+  'archsync applier: per target row and source system, the source position last applied (replay/order guard)';
+CREATE TABLE IF NOT EXISTS archsync_applied_command (
+  command_id   text        PRIMARY KEY,
+  target_table text        NOT NULL,
+  applied_at   timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE archsync_applied_command IS
+  'archsync applier: ids of insert_once commands already applied (no duplicate on replay)';
+"""
+
+# Errors that say the connection or the transaction as a whole is in trouble (lost connection,
+# deadlock, serialization failure, lock timeout): the batch is raised for the caller to retry,
+# never reported as a bad command.
+_TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+class ApplyError(ArchsyncError):
+    """The applier cannot start or run (not a problem of one command)."""
+
+
+class CommandError(ArchsyncError):
+    """One command cannot be applied; its group is rolled back and reported as failed."""
+
+
+@dataclass
+class ApplyResult:
+    """What :meth:`Applier.apply_batch` did."""
+
+    applied: int = 0
+    skipped_replay: int = 0
+    skipped_older: int = 0
+    rows_affected: int = 0
+    conflicts: list[Conflict] = field(default_factory=list)
+    failed: list[tuple[ApplyCommand, str]] = field(default_factory=list)
+    progress_lsn: int | None = None  # the source LSN recorded as the origin's progress
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_replay + self.skipped_older
+
+    def merge(self, other: ApplyResult) -> None:
+        self.applied += other.applied
+        self.skipped_replay += other.skipped_replay
+        self.skipped_older += other.skipped_older
+        self.rows_affected += other.rows_affected
+        self.conflicts.extend(other.conflicts)
+        self.failed.extend(other.failed)
+
+
+@dataclass(frozen=True)
+class TargetTable:
+    """A target table as the catalog shows it: ``schema.table`` and column → SQL type."""
+
+    name: str
+    ident: sql.Identifier
+    columns: dict[str, str]
+
+    def type_of(self, column: str) -> str:
+        try:
+            return self.columns[column]
+        except KeyError:
+            raise CommandError(f"column {column!r} does not exist in table {self.name}") from None
+
+
+@dataclass(frozen=True)
+class _Guard:
+    system: str
+    lsn: int
+    order: int
+    ts_ms: int | None
+    command_id: str
+
+
+def target_key(match: Mapping[str, Any]) -> str:
+    """Canonical JSON of a command's ``match`` (sorted keys): the target row's guard key."""
+    return orjson.dumps(match, option=orjson.OPT_SORT_KEYS, default=json_default).decode()
+
+
+def qualified(table: str) -> tuple[str, str]:
+    schema, dot, name = table.partition(".")
+    return (schema, name) if dot else ("public", table)
+
+
+def _special(value: Any, key: str) -> Any:
+    if isinstance(value, dict) and len(value) == 1 and key in value:
+        return value[key]
+    return None
+
+
+def _decode_bytes(value: Any) -> Any:
+    spec = _special(value, "$bytes")
+    if spec is not None:
+        return base64.b64decode(spec, validate=True)
+    if isinstance(value, list):
+        return [_decode_bytes(v) for v in value]
+    return value
+
+
+def archival_code(fonds: str | None, class_code: str, year: int, retention: str, volume: int, item: int) -> str:
+    """``<fonds>-<class>·<year>·<retention>-<volume:04d>-<item:04d>`` (no fonds prefix when empty)."""
+    prefix = f"{fonds}-" if fonds else ""
+    return f"{prefix}{class_code}·{year}·{retention}-{volume:04d}-{item:04d}"
+
+
+class Applier:
+    """Applies ApplyCommands to one target database through one dedicated connection.
+
+    ``conn`` is a psycopg connection (switched to autocommit; the Applier owns its transactions
+    and binds the session to the origin) or a DSN, opened with :func:`connect` so a failure names
+    ``setting``. ``ownership`` maps ``schema.table`` → column → owning system; columns not in it
+    are asked of ``default_owner(table, column)``; ``None`` means anyone may write the column.
+    Synchronous and not thread-safe: one Applier per thread.
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any] | str,
+        target: str,
+        origin: str | None = None,
+        ownership: Mapping[str, Mapping[str, str]] | None = None,
+        default_owner: Callable[[str, str], str | None] | None = None,
+        *,
+        setting: str = "target DSN",
+    ) -> None:
+        self.target = target
+        self.origin = origin or f"archsync_apply_{target}"
+        self.ownership = {k: dict(v) for k, v in (ownership or {}).items()}
+        self.default_owner = default_owner
+        self._own_conn = isinstance(conn, str)
+        if isinstance(conn, str):
+            self.conn: psycopg.Connection[Any] = connect(conn, setting, autocommit=True)
+        else:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                raise ApplyError("the applier's connection must be idle (no open transaction)")
+            conn.autocommit = True
+            self.conn = conn
+        self._tables: dict[str, TargetTable] = {}
+        try:
+            self._start()
+        except BaseException:
+            if self._own_conn:
+                self.conn.close()
+            raise
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def _start(self) -> None:
+        for attempt in (1, 2):  # two appliers starting together may race on CREATE ... IF NOT EXISTS
+            try:
+                with self.conn.transaction():
+                    self.conn.execute(GUARD_DDL)
+                break
+            except psycopg.errors.UniqueViolation:
+                if attempt == 2:
+                    raise
+        exists = self.conn.execute("SELECT 1 FROM pg_replication_origin WHERE roname = %s", (self.origin,)).fetchone()
+        if not exists:
+            try:
+                self.conn.execute("SELECT pg_replication_origin_create(%s)", (self.origin,))
+                log.info("replication origin created", extra={"origin": self.origin})
+            except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject):
+                pass  # created meanwhile by another applier
+            except psycopg.Error as exc:
+                raise ApplyError(f"cannot create replication origin {self.origin}: {first_line(exc)}") from None
+        try:
+            self.conn.execute("SELECT pg_replication_origin_session_setup(%s)", (self.origin,))
+        except psycopg.Error as exc:
+            raise ApplyError(
+                f"cannot use replication origin {self.origin}: {first_line(exc)} "
+                f"(PostgreSQL lets one session at a time use an origin: one applier per origin)"
+            ) from None
+
+    def close(self) -> None:
+        """Release the origin (and close the connection if the Applier opened it)."""
+        if self.conn.closed:
+            return
+        try:
+            if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                self.conn.rollback()
+            self.conn.execute("SELECT pg_replication_origin_session_reset()")
+        except psycopg.Error as exc:
+            log.warning("could not release replication origin %s: %s", self.origin, first_line(exc))
+        if self._own_conn:
+            self.conn.close()
+
+    def __enter__(self) -> Applier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def forget_catalog(self) -> None:
+        """Drop cached column types (after a schema change of a target table)."""
+        self._tables.clear()
+
+    def owner_of(self, table: str, column: str) -> str | None:
+        """The system that owns ``table.column``; None = shared (anyone may write it)."""
+        for key in (table, qualified(table)[1]):
+            columns = self.ownership.get(key)
+            if columns is not None and column in columns:
+                return columns[column]
+        if self.default_owner is not None:
+            return self.default_owner(table, column)
+        return None
+
+    # ------------------------------------------------------------------------------ batches
+
+    def apply_batch(self, commands: Iterable[ApplyCommand]) -> ApplyResult:
+        """Apply ``commands`` in one target transaction, one savepoint per source transaction group.
+
+        Commands that cannot be applied are returned in ``failed`` (their whole group rolled back);
+        a connection-level or transient error (deadlock, serialization failure) raises and rolls
+        back the batch, which is safe to retry as a whole.
+        """
+        commands = list(commands)
+        result = ApplyResult()
+        if not commands:
+            return result
+        groups: dict[tuple[str, str, str], list[ApplyCommand]] = {}
+        for cmd in commands:
+            txn = cmd.txn_id or f"@{cmd.source_commit_lsn}"
+            groups.setdefault((cmd.source_system, txn, cmd.aggregate_key), []).append(cmd)
+        last = max(commands, key=lambda c: (c.source_commit_lsn, c.source_order))
+        with self.conn.transaction():
+            for group in groups.values():
+                result.merge(self._apply_group(group))
+            ts = (
+                datetime.fromtimestamp(last.source_commit_ts_ms / 1000, UTC)
+                if last.source_commit_ts_ms is not None
+                else None
+            )
+            self.conn.execute(
+                "SELECT pg_replication_origin_xact_setup(%s::pg_lsn, coalesce(%s::timestamptz, now()))",
+                (lsn_to_str(last.source_commit_lsn), ts),
+            )
+        result.progress_lsn = last.source_commit_lsn
+        return result
+
+    def _apply_group(self, group: list[ApplyCommand]) -> ApplyResult:
+        out = ApplyResult()
+        current = group[0]
+        try:
+            with self.conn.transaction():  # SAVEPOINT
+                for cmd in group:
+                    current = cmd
+                    self._apply_one(cmd, out)
+        except _TRANSIENT:
+            raise
+        except (psycopg.Error, CommandError, ValueError, TypeError) as exc:
+            reason = self._reason(current, exc)
+            log.warning("apply failed: %s", reason, extra={"command_id": current.command_id})
+            failed = ApplyResult()
+            for cmd in group:
+                why = reason if cmd is current else f"rolled back with its source transaction: {reason}"
+                failed.failed.append((cmd, why))
+            return failed
+        return out
+
+    @staticmethod
+    def _reason(cmd: ApplyCommand, exc: BaseException) -> str:
+        where = f"{cmd.action} {cmd.table} {target_key(cmd.match)}"
+        if isinstance(exc, psycopg.Error):
+            state = f" [{exc.sqlstate}]" if exc.sqlstate else ""
+            return f"{where}: {first_line(exc)}{state}"
+        if isinstance(exc, CommandError):
+            return f"{where}: {exc}"
+        return f"{where}: bad value: {exc.__class__.__name__}: {exc}"
+
+    # ------------------------------------------------------------------------------ one command
+
+    def _apply_one(self, cmd: ApplyCommand, out: ApplyResult) -> None:
+        if cmd.action not in ACTIONS:
+            raise CommandError(f"unknown action {cmd.action!r} (expected one of {', '.join(ACTIONS)})")
+        if cmd.target_system and cmd.target_system != self.target:
+            raise CommandError(f"command for target {cmd.target_system!r} sent to the {self.target!r} applier")
+        if not cmd.match and cmd.action != "insert_once":
+            raise CommandError("empty match: the command does not identify a target row")
+        table = self._table(cmd.table)
+        if cmd.action == "insert_once":
+            self._insert_once(cmd, table, out)
+            return
+        key = target_key(cmd.match)
+        guards = self._guards(table.name, key)
+        mine = guards.get(cmd.source_system)
+        if mine is not None:
+            theirs, ours = (mine.lsn, mine.order), (cmd.source_commit_lsn, cmd.source_order)
+            if theirs > ours:
+                out.skipped_older += 1
+                return
+            if theirs == ours and mine.command_id == cmd.command_id:
+                out.skipped_replay += 1
+                return
+        others = [g for s, g in guards.items() if s != cmd.source_system]
+        match = {c: self._param(v, table, c) for c, v in cmd.match.items()}
+        if cmd.action == "delete":
+            cur = self.conn.execute(
+                sql.SQL("DELETE FROM {} WHERE {}").format(table.ident, self._where(table, match)),
+                list(self._where_params(match)),
+            )
+            out.rows_affected += max(cur.rowcount, 0)
+        else:
+            self._write(cmd, table, match, others, insert=cmd.action == "upsert", out=out)
+        self._save_guard(cmd, table.name, key, deleted=cmd.action == "delete")
+        out.applied += 1
+
+    def _write(
+        self,
+        cmd: ApplyCommand,
+        table: TargetTable,
+        match: dict[str, Any],
+        others: list[_Guard],
+        *,
+        insert: bool,
+        out: ApplyResult,
+    ) -> None:
+        now_ms = int(time.time() * 1000)
+        plain: dict[str, Any] = {}
+        allocations: dict[str, dict[str, Any]] = {}
+        rejected: list[str] = []
+        for col, value in cmd.values.items():
+            table.type_of(col)
+            owner = self.owner_of(table.name, col)
+            if owner is not None and owner != cmd.source_system:
+                rejected.append(col)
+                continue
+            spec = _special(value, "$allocate")
+            if spec is not None:
+                allocations[col] = spec
+            else:
+                plain[col] = self._param(value, table, col)
+        rows = self._current(table, match, plain, [*rejected, *allocations])
+        first = rows[0][0] if rows else {}
+
+        def conflict(col: str, decision: str, reason: str) -> None:
+            out.conflicts.append(
+                Conflict(
+                    flow=cmd.flow,
+                    table=table.name,
+                    match=cmd.match,
+                    column=col,
+                    incoming=cmd.values[col],
+                    current=to_jsonable(first.get(col)),
+                    decision=decision,
+                    reason=reason,
+                    source_event_id=cmd.source_event_id,
+                    ts_ms=now_ms,
+                )
+            )
+
+        for col in rejected:
+            conflict(
+                col,
+                "rejected-not-owner",
+                f"{col} is owned by {self.owner_of(table.name, col)}, not by {cmd.source_system}",
+            )
+        newer = [g for g in others if _newer_than(g, cmd)]
+        write: dict[str, Any] = {}
+        for col, param in plain.items():
+            differs = any(d[col] for _, d in rows)
+            if rows and not differs:
+                continue  # no change: no UPDATE, no version bump, no captured echo
+            if rows and others and self.owner_of(table.name, col) is None:
+                if newer:
+                    conflict(col, "kept-newer", f"{newer[0].system} wrote this row at a later commit time")
+                    continue
+                conflict(col, "applied-newer", f"this commit is later than the last write from {others[0].system}")
+            write[col] = param
+        for col, spec in allocations.items():
+            if rows and len(rows) > 1:
+                raise CommandError(f"$allocate for {col} needs a match that identifies one row, {len(rows)} match")
+            if rows and first.get(col) is not None:
+                continue  # already numbered: a replayed or repeated upsert never consumes a number
+            write.update(self._allocate(table, col, spec))
+        if rows:
+            if write:
+                cur = self.conn.execute(
+                    sql.SQL("UPDATE {} SET {} WHERE {}").format(
+                        table.ident,
+                        sql.SQL(", ").join(
+                            sql.SQL("{} = %s::{}").format(sql.Identifier(c), sql.SQL(table.type_of(c))) for c in write
+                        ),
+                        self._where(table, match),
+                    ),
+                    [*write.values(), *self._where_params(match)],
+                )
+                out.rows_affected += max(cur.rowcount, 0)
+        elif insert:
+            row = {**match, **write}
+            self.conn.execute(
+                sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+                    table.ident,
+                    sql.SQL(", ").join(sql.Identifier(c) for c in row),
+                    sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(table.type_of(c))) for c in row),
+                ),
+                list(row.values()),
+            )
+            out.rows_affected += 1
+
+    def _insert_once(self, cmd: ApplyCommand, table: TargetTable, out: ApplyResult) -> None:
+        first = self.conn.execute(
+            "INSERT INTO archsync_applied_command (command_id, target_table) VALUES (%s, %s)"
+            " ON CONFLICT (command_id) DO NOTHING RETURNING 1",
+            (cmd.command_id, table.name),
+        ).fetchone()
+        if first is None:
+            out.skipped_replay += 1
+            return
+        row: dict[str, Any] = {c: self._param(v, table, c) for c, v in cmd.match.items()}
+        now_ms = int(time.time() * 1000)
+        for col, value in cmd.values.items():
+            table.type_of(col)
+            owner = self.owner_of(table.name, col)
+            if owner is not None and owner != cmd.source_system:
+                out.conflicts.append(
+                    Conflict(
+                        cmd.flow,
+                        table.name,
+                        cmd.match,
+                        col,
+                        value,
+                        None,
+                        "rejected-not-owner",
+                        f"{col} is owned by {owner}, not by {cmd.source_system}",
+                        cmd.source_event_id,
+                        now_ms,
+                    )
+                )
+                continue
+            spec = _special(value, "$allocate")
+            if spec is not None:
+                row.update(self._allocate(table, col, spec))
+            else:
+                row[col] = self._param(value, table, col)
+        if not row:
+            raise CommandError("insert_once with neither match nor values")
+        self.conn.execute(
+            sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+                table.ident,
+                sql.SQL(", ").join(sql.Identifier(c) for c in row),
+                sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(table.type_of(c))) for c in row),
+            ),
+            list(row.values()),
+        )
+        out.rows_affected += 1
+        out.applied += 1
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _table(self, name: str) -> TargetTable:
+        table = self._tables.get(name)
+        if table is not None:
+            return table
+        schema, rel = qualified(name)
+        rows = self.conn.execute(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+            " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')"
+            " AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            (schema, rel),
+        ).fetchall()
+        if not rows:
+            raise CommandError(f"table {schema}.{rel} does not exist in the {self.target} database")
+        table = TargetTable(f"{schema}.{rel}", sql.Identifier(schema, rel), {r[0]: r[1] for r in rows})
+        self._tables[name] = table
+        return table
+
+    def _param(self, value: Any, table: TargetTable, column: str) -> Any:
+        """A JSON value turned into a query parameter for ``table.column`` (lookups resolved)."""
+        ctype = table.type_of(column)
+        lookup = _special(value, "$lookup")
+        if lookup is not None:
+            return self._lookup(lookup)
+        if _special(value, "$allocate") is not None:
+            raise CommandError(f"$allocate is only allowed in values, not for {column}")
+        if value is None:
+            return None
+        if ctype in ("json", "jsonb"):
+            return Jsonb(value)
+        return _decode_bytes(value)
+
+    def _lookup(self, spec: Any) -> Any:
+        if not isinstance(spec, dict) or not {"table", "column", "where"} <= spec.keys() or not spec["where"]:
+            raise CommandError(f"malformed $lookup {spec!r}: expected table, column and a non-empty where")
+        table = self._table(str(spec["table"]))
+        column = str(spec["column"])
+        table.type_of(column)
+        where = {c: self._param(v, table, c) for c, v in spec["where"].items()}
+        rows = self.conn.execute(
+            sql.SQL("SELECT {} FROM {} WHERE {} LIMIT 2").format(
+                sql.Identifier(column), table.ident, self._where(table, where)
+            ),
+            list(self._where_params(where)),
+        ).fetchall()
+        described = orjson.dumps(spec["where"], option=orjson.OPT_SORT_KEYS, default=json_default).decode()
+        if not rows:
+            raise CommandError(
+                f"$lookup {table.name}.{column} where {described} found no row (parent not applied yet?)"
+            )
+        if len(rows) > 1:
+            raise CommandError(f"$lookup {table.name}.{column} where {described} matches more than one row")
+        return rows[0][0]
+
+    def _allocate(self, table: TargetTable, column: str, spec: Any) -> dict[str, Any]:
+        """A new gap-free archival code (and item/volume numbers) for ``table.column``."""
+        if not isinstance(spec, dict) or not {"class", "year", "retention"} <= spec.keys():
+            raise CommandError(f"malformed $allocate {spec!r}: expected fonds, class, year and retention")
+        fonds = spec.get("fonds") or None
+        try:
+            year = int(spec["year"])
+        except (TypeError, ValueError):
+            raise CommandError(f"$allocate year {spec['year']!r} is not an integer") from None
+        row = self.conn.execute(
+            "SELECT arc_next_item_no(%s::text, %s::text, %s::integer)", (fonds, str(spec["class"]), year)
+        ).fetchone()
+        if row is None or row[0] is None:
+            raise CommandError(f"arc_next_item_no returned no number for {spec!r}")
+        item, volume = int(row[0]), 1
+        result: dict[str, Any] = {
+            column: archival_code(fonds, str(spec["class"]), year, str(spec["retention"]), volume, item)
+        }
+        if "item_no" in table.columns:
+            result["item_no"] = item
+        if "volume_no" in table.columns:
+            result["volume_no"] = volume
+        return result
+
+    def _where(self, table: TargetTable, match: Mapping[str, Any]) -> sql.Composed:
+        return sql.SQL(" AND ").join(
+            sql.SQL("{} IS NULL").format(sql.Identifier(c))
+            if v is None
+            else sql.SQL("{} = %s::{}").format(sql.Identifier(c), sql.SQL(table.type_of(c)))
+            for c, v in match.items()
+        )
+
+    @staticmethod
+    def _where_params(match: Mapping[str, Any]) -> Iterable[Any]:
+        return (v for v in match.values() if v is not None)
+
+    def _current(
+        self, table: TargetTable, match: dict[str, Any], plain: dict[str, Any], read_only: list[str]
+    ) -> list[tuple[dict[str, Any], dict[str, bool]]]:
+        """The matched rows, locked: (current values, does the incoming value differ) per column."""
+        select: list[sql.Composable] = [sql.SQL("1")]
+        params: list[Any] = []
+        for col, param in plain.items():
+            ctype = table.type_of(col)
+            ident = sql.Identifier(col)
+            if ctype == "json":  # json has no equality operator
+                select.append(sql.SQL("{0}, {0}::jsonb IS DISTINCT FROM %s::jsonb").format(ident))
+            else:
+                select.append(sql.SQL("{0}, {0} IS DISTINCT FROM %s::{1}").format(ident, sql.SQL(ctype)))
+            params.append(param)
+        select.extend(sql.Identifier(c) for c in read_only)
+        rows = self.conn.execute(
+            sql.SQL("SELECT {} FROM {} WHERE {} FOR UPDATE").format(
+                sql.SQL(", ").join(select), table.ident, self._where(table, match)
+            ),
+            [*params, *self._where_params(match)],
+        ).fetchall()
+        out: list[tuple[dict[str, Any], dict[str, bool]]] = []
+        for r in rows:
+            values: dict[str, Any] = {}
+            differs: dict[str, bool] = {}
+            i = 1
+            for col in plain:
+                values[col], differs[col] = r[i], bool(r[i + 1])
+                i += 2
+            for col in read_only:
+                values[col] = r[i]
+                i += 1
+            out.append((values, differs))
+        return out
+
+    def _guards(self, table: str, key: str) -> dict[str, _Guard]:
+        rows = self.conn.execute(
+            "SELECT source_system, source_commit_lsn, source_order, source_commit_ts_ms, command_id"
+            " FROM archsync_apply_guard WHERE target_table = %s AND target_key = %s FOR UPDATE",
+            (table, key),
+        ).fetchall()
+        return {r[0]: _Guard(r[0], r[1], r[2], r[3], r[4]) for r in rows}
+
+    def _save_guard(self, cmd: ApplyCommand, table: str, key: str, *, deleted: bool) -> None:
+        self.conn.execute(
+            "INSERT INTO archsync_apply_guard (target_table, target_key, source_system, source_commit_lsn,"
+            " source_order, source_commit_ts_ms, command_id, deleted, applied_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now())"
+            " ON CONFLICT (target_table, target_key, source_system) DO UPDATE SET"
+            " source_commit_lsn = EXCLUDED.source_commit_lsn, source_order = EXCLUDED.source_order,"
+            " source_commit_ts_ms = EXCLUDED.source_commit_ts_ms, command_id = EXCLUDED.command_id,"
+            " deleted = EXCLUDED.deleted, applied_at = EXCLUDED.applied_at",
+            (
+                table,
+                key,
+                cmd.source_system,
+                cmd.source_commit_lsn,
+                cmd.source_order,
+                cmd.source_commit_ts_ms,
+                cmd.command_id,
+                deleted,
+            ),
+        )
+
+
+def _newer_than(guard: _Guard, cmd: ApplyCommand) -> bool:
+    """Did another system write the row at a later commit time than ``cmd``? (LSNs of different
+    systems are not comparable; without both timestamps the incoming command wins.)"""
+    return guard.ts_ms is not None and cmd.source_commit_ts_ms is not None and guard.ts_ms > cmd.source_commit_ts_ms

@@ -1,0 +1,314 @@
+"""The faust-streaming application: normalise → deduplicate → transform → apply, both ways.
+
+Topics (``<prefix>`` from the topology):
+  ``<prefix>.<system>.<schema>.<table>``  captured change events (Avro, keyed by primary key)
+  ``<prefix>.changes``                    normalised changes, re-keyed by aggregate (JSON)
+  ``<prefix>.apply.<system>``             apply commands for one target system, keyed by target aggregate
+  ``<prefix>.conflicts``                  conflicts with both versions and the decision
+  ``<prefix>.dlq.transform`` / ``.dlq.apply``  dead letters with the reason and the original record
+
+State (changelog-backed Faust tables, rebuilt from Kafka on restart or rebalance):
+  ``dedupe``      event ids seen, in tumbling windows that expire (the bounded horizon)
+  ``aggregates``  per aggregate: the rows of the aggregate and each row's last source position
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+import faust
+import orjson
+
+from archsync import metrics
+from archsync.settings import Settings
+from connectors.kafka_admin import TopicSpec, ensure_topics
+from processors.model import ApplyCommand, Change
+from processors.normalise import normalise
+from schemas.codec import ChangeEventCodec
+from topology.model import Topology
+
+log = logging.getLogger(__name__)
+
+DEDUPE_WINDOW = timedelta(minutes=10)
+DEDUPE_EXPIRES = timedelta(hours=2)
+
+
+def pipeline_topics(topology: Topology) -> dict[str, str]:
+    prefix = topology.topics.prefix
+    names = {
+        "changes": f"{prefix}.changes",
+        "conflicts": f"{prefix}.conflicts",
+        "dlq_normalise": f"{prefix}.dlq.normalise",
+        "dlq_transform": f"{prefix}.dlq.transform",
+        "dlq_apply": f"{prefix}.dlq.apply",
+    }
+    for system in topology.sources:
+        names[f"apply_{system}"] = f"{prefix}.apply.{system}"
+    return names
+
+
+def captured_topics(topology: Topology) -> list[str]:
+    return [
+        topology.topics.change_topic(name, *q.split(".", 1)) for name, s in topology.sources.items() for q in s.tables
+    ]
+
+
+def ensure_pipeline_topics(topology: Topology, settings: Settings) -> None:
+    t = topology.topics
+    specs = [
+        TopicSpec(
+            name,
+            t.partitions if not key.startswith(("dlq", "conflicts")) else 1,
+            t.replication_factor,
+        )
+        for key, name in pipeline_topics(topology).items()
+    ]
+    specs += [TopicSpec(name, t.partitions, t.replication_factor, t.config) for name in captured_topics(topology)]
+    ensure_topics(settings.kafka_bootstrap, specs)
+
+
+def dead_letter(stage: str, reason: str, original: bytes | None, **fields: Any) -> bytes:
+    """Dead letters of the processors are JSON: why, where from, the original record."""
+    return orjson.dumps(
+        {
+            "stage": stage,
+            "reason": reason,
+            "ts_ms": int(time.time() * 1000),
+            "original": original.decode("utf-8", "replace") if original is not None else None,
+            **fields,
+        },
+        default=str,
+    )
+
+
+def create_app(
+    topology: Topology, settings: Settings, *, app_id: str | None = None, batch_size: int = 500
+) -> faust.App:
+    """Build the Faust app for a topology (agents registered, not started)."""
+    from connectors.applier import Applier
+
+    from processors.transform import aggregate_key_of, apply_change, new_state, transform
+
+    names = pipeline_topics(topology)
+    partitions = topology.topics.partitions
+    app = faust.App(
+        app_id or f"archsync-{topology.name}-{topology.topics.prefix}",
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",
+        topic_partitions=partitions,
+        topic_replication_factor=topology.topics.replication_factor,
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        autodiscover=False,
+        table_cleanup_interval=60.0,
+        broker_commit_every=1000,
+        broker_commit_interval=1.0,
+    )
+
+    def raw_topic(*topic_names: str, **kw: Any) -> faust.TopicT:
+        return app.topic(*topic_names, key_serializer="raw", value_serializer="raw", **kw)
+
+    captured = raw_topic(*captured_topics(topology))
+    changes = raw_topic(names["changes"], partitions=partitions)
+    conflicts = raw_topic(names["conflicts"])
+    dlq_normalise = raw_topic(names["dlq_normalise"])
+    dlq_transform = raw_topic(names["dlq_transform"])
+    dlq_apply = raw_topic(names["dlq_apply"])
+    apply_topics = {system: raw_topic(names[f"apply_{system}"], partitions=partitions) for system in topology.sources}
+
+    dedupe = (
+        app.Table("dedupe", default=int, partitions=partitions)
+        .tumbling(DEDUPE_WINDOW, expires=DEDUPE_EXPIRES)
+        .relative_to_stream()
+    )
+    aggregates = app.Table("aggregates", default=None, partitions=partitions)
+    codec = ChangeEventCodec()
+
+    @app.agent(captured, name="normalise")
+    async def normalise_agent(stream: faust.StreamT) -> None:
+        """Decode, normalise, drop duplicate event ids, re-key by aggregate."""
+        async for event in stream.events():
+            raw = event.message.value
+            try:
+                change = normalise(codec.decode(raw))
+            except Exception as exc:  # noqa: BLE001 - bad input goes to the dead letters
+                metrics.DEAD_LETTERS.labels("normalise", type(exc).__name__).inc()
+                await dlq_normalise.send(
+                    value=dead_letter(
+                        "normalise",
+                        f"cannot decode: {exc}",
+                        None,
+                        topic=event.message.topic,
+                        offset=event.message.offset,
+                    )
+                )
+                continue
+            metrics.NORMALISED.labels(change.system, change.table).inc()
+            seen = dedupe[change.event_id]
+            if seen.current() or seen.delta(DEDUPE_WINDOW):
+                metrics.DEDUPE_HITS.labels("event_id").inc()
+                continue
+            dedupe[change.event_id] += 1
+            target = aggregate_key_of(topology, change)
+            if target is None:
+                continue
+            await changes.send(key=f"{target[0]}:{target[1]}".encode(), value=change.to_json())
+
+    @app.agent(changes, name="transform")
+    async def transform_agent(stream: faust.StreamT) -> None:
+        """Keep each aggregate's rows, run the topology's flows, emit apply commands."""
+        async for event in stream.events():
+            key = event.key.decode()
+            change = Change.from_json(event.value)
+            started = time.perf_counter()
+            state = aggregates[key]
+            if state is None:
+                state = new_state()
+            if not apply_change(state, change):
+                metrics.DEDUPE_HITS.labels("position").inc()
+                continue
+            try:
+                result = transform(topology, state, change)
+            except Exception as exc:  # noqa: BLE001 - a broken flow must not stop the pipeline
+                metrics.DEAD_LETTERS.labels("transform", type(exc).__name__).inc()
+                await dlq_transform.send(
+                    key=event.key,
+                    value=dead_letter(
+                        "transform",
+                        f"{type(exc).__name__}: {exc}",
+                        event.value,
+                        topic=names["changes"],
+                        event_id=change.event_id,
+                    ),
+                )
+                aggregates[key] = state
+                continue
+            aggregates[key] = state
+            sends = []
+            for cmd in result.commands:
+                metrics.TRANSFORMED.labels(cmd.flow).inc()
+                sends.append(
+                    await apply_topics[cmd.target_system].send(key=cmd.aggregate_key.encode(), value=cmd.to_json())
+                )
+            for conflict in result.conflicts:
+                metrics.CONFLICTS.labels(conflict.table, conflict.decision).inc()
+                sends.append(await conflicts.send(key=conflict.table.encode(), value=conflict.to_json()))
+            for reason, rejected in result.rejected:
+                metrics.DEAD_LETTERS.labels("transform", "rejected").inc()
+                sends.append(
+                    await dlq_transform.send(
+                        key=event.key,
+                        value=dead_letter(
+                            "transform", reason, rejected.to_json(), topic=names["changes"], event_id=rejected.event_id
+                        ),
+                    )
+                )
+            if sends:
+                await asyncio.gather(*sends)  # acknowledged before this change's offset is committed
+            metrics.TRANSFORM_LATENCY.observe(time.perf_counter() - started)
+
+    for system in topology.sources:
+        _register_applier(
+            app, topology, settings, system, apply_topics[system], conflicts, dlq_apply, batch_size, Applier
+        )
+    return app
+
+
+def _register_applier(
+    app: faust.App,
+    topology: Topology,
+    settings: Settings,
+    system: str,
+    topic: faust.TopicT,
+    conflicts: faust.TopicT,
+    dlq_apply: faust.TopicT,
+    batch_size: int,
+    applier_cls: Any,
+) -> None:
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"apply-{system}")
+    state: dict[str, Any] = {}
+    source = topology.source(system)
+
+    def make_applier() -> Any:
+        # PostgreSQL lets one session at a time use a replication origin: a second worker takes
+        # the next numbered origin (archsync_apply_<system>_2 …), which the capture also skips
+        base = f"archsync_apply_{system}"
+        last_error: Exception | None = None
+        for n in range(1, 17):
+            origin = base if n == 1 else f"{base}_{n}"
+            try:
+                return applier_cls(settings.dsn_for(system), system, origin=origin,
+                                   ownership=ownership_map(topology, system), setting=source.dsn_env)
+            except Exception as exc:  # noqa: BLE001 - origin busy: try the next one
+                last_error = exc
+                if "is already active" not in str(exc) and "in use" not in str(exc):
+                    raise
+        raise RuntimeError(f"no free replication origin for the {system} applier: {last_error}")
+
+    def apply(commands: list[ApplyCommand]) -> Any:
+        applier = state.get("applier")
+        if applier is None:
+            applier = state["applier"] = make_applier()
+        return applier.apply_batch(commands)
+
+    async def apply_agent(stream: faust.StreamT) -> None:
+        loop = asyncio.get_running_loop()
+        async for values in stream.take(batch_size, within=0.05):
+            commands = [ApplyCommand.from_json(v) for v in values]
+            started = time.perf_counter()
+            result = await loop.run_in_executor(executor, apply, commands)
+            metrics.APPLY_LATENCY.labels(system).observe(time.perf_counter() - started)
+            now_ms = time.time() * 1000
+            for cmd in commands:
+                if cmd.source_commit_ts_ms:
+                    metrics.END_TO_END.labels(system).observe(max(0.0, (now_ms - cmd.source_commit_ts_ms) / 1000))
+            for outcome in ("applied", "skipped_replay", "skipped_older"):
+                n = getattr(result, outcome, 0)
+                if n:
+                    metrics.APPLIED.labels(system, outcome).inc(n)
+            sends = []
+            for conflict in result.conflicts:
+                metrics.CONFLICTS.labels(conflict.table, conflict.decision).inc()
+                sends.append(await conflicts.send(key=conflict.table.encode(), value=conflict.to_json()))
+            for cmd, reason in result.failed:
+                metrics.DEAD_LETTERS.labels("apply", "failed").inc()
+                sends.append(
+                    await dlq_apply.send(
+                        key=cmd.aggregate_key.encode(),
+                        value=dead_letter(
+                            "apply", reason, cmd.to_json(), topic=topic.get_topic_name(), command_id=cmd.command_id
+                        ),
+                    )
+                )
+            if sends:
+                await asyncio.gather(*sends)
+
+    app.agent(topic, name=f"apply_{system}")(apply_agent)
+
+
+def ownership_map(topology: Topology, system: str) -> dict[str, dict[str, str]]:
+    """``schema.table`` → {column: owner system} for the target tables of ``system``."""
+    result: dict[str, dict[str, str]] = {}
+    for target, spec in (getattr(topology, "ownership", None) or {}).items():
+        target_system, _, table = str(target).partition(".")
+        if target_system != system:
+            continue
+        columns = getattr(spec, "columns", None)
+        if columns is None and isinstance(spec, dict):
+            columns = {c: owner for owner, cols in spec.items() if owner != "default" for c in cols}
+        result[table] = dict(columns or {})
+    return result
+
+
+def run_worker(topology: Topology, settings: Settings, loglevel: str = "warn") -> None:
+    """Run the pipeline until stopped (``archsync worker``)."""
+    ensure_pipeline_topics(topology, settings)
+    app = create_app(topology, settings)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()

@@ -1,0 +1,131 @@
+"""The whole pipeline on the real services: both captures, a worker process, per-test names."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from confluent_kafka.admin import AdminClient
+
+from archsync.settings import Settings
+from connectors.capture import CaptureService
+from connectors.catalog import drop_slot, forget_snapshots
+from connectors.kafka_admin import delete_topics
+from connectors.postgres import connect
+from topology.model import Topology, parse_topology
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def topology_yaml_for_test(unique: str, base: Path | None = None) -> str:
+    """The reference topology (or ``base``) with this test's own prefix, slots and publications."""
+    data = yaml.safe_load((base or REPO / "topology" / "reference.yaml").read_text())
+    data["name"] = f"test{unique}"
+    data.setdefault("topics", {})["prefix"] = f"p{unique}"
+    data["topics"]["partitions"] = 2
+    for name, source in data["sources"].items():
+        source["slot"] = f"{name}_{unique}"
+        source["publication"] = f"{name}_{unique}"
+        source["heartbeat_seconds"] = 2
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+class Pipeline:
+    """Captures in threads of the test process, the worker as a child process (so it can be killed)."""
+
+    def __init__(self, settings: Settings, unique: str, tmp_path: Path, base: Path | None = None) -> None:
+        self.settings = settings
+        self.unique = unique
+        self.text = topology_yaml_for_test(unique, base)
+        self.file = tmp_path / "topology.yaml"
+        self.file.write_text(self.text)
+        self.topology: Topology = parse_topology(self.text, str(self.file))
+        self.log = tmp_path / "worker.log"
+        self.captures = {name: CaptureService(self.topology, name, settings) for name in self.topology.sources}
+        self.threads: list[threading.Thread] = []
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"}
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> Pipeline:
+        for svc in self.captures.values():
+            th = threading.Thread(target=svc.run_forever, daemon=True)
+            th.start()
+            self.threads.append(th)
+        deadline = time.monotonic() + 60
+        while not all(s.stats.streaming for s in self.captures.values()):
+            assert time.monotonic() < deadline, "captures did not start streaming"
+            time.sleep(0.1)
+        self.start_worker()
+        return self
+
+    def start_worker(self) -> None:
+        handle = self.log.open("ab")
+        self.worker = subprocess.Popen(
+            [str(REPO / ".venv" / "bin" / "archsync"), "--topology", str(self.file), "worker", "--loglevel", "info"],
+            stdout=handle,
+            stderr=handle,
+            env=self.env,
+        )
+
+    def kill_worker(self) -> None:
+        assert self.worker is not None
+        self.worker.send_signal(signal.SIGKILL)
+        self.worker.wait(30)
+
+    def stop(self) -> None:
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.terminate()
+            try:
+                self.worker.wait(30)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+        for svc in self.captures.values():
+            svc.stop()
+        for th in self.threads:
+            th.join(30)
+
+    def cleanup(self) -> None:
+        self.stop()
+        for name, source in self.topology.sources.items():
+            with connect(self.settings.dsn_for(name), source.dsn_env, autocommit=True) as conn:
+                for _ in range(50):
+                    try:
+                        drop_slot(conn, source.slot, terminate=True)
+                        break
+                    except Exception:  # noqa: BLE001 - walsender still exiting
+                        time.sleep(0.2)
+                forget_snapshots(conn, source.slot)
+                conn.execute(f"DROP PUBLICATION IF EXISTS {source.publication}")
+        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
+        topics = [
+            t
+            for t in admin.list_topics(timeout=10).topics
+            if t.startswith((f"p{self.unique}.", f"archsync-test{self.unique}"))
+        ]
+        delete_topics(self.settings.kafka_bootstrap, topics)
+
+    # -- helpers ------------------------------------------------------------------------
+    def sql(self, system: str, statement: str, params: Any = None) -> list[Any]:
+        with connect(self.settings.dsn_for(system), system, autocommit=True) as conn:
+            cur = conn.execute(statement, params)
+            return cur.fetchall() if cur.description else []
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if self.worker is not None and self.worker.poll() is not None:
+                raise AssertionError(f"worker exited: {self.log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; worker log tail:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)

@@ -321,7 +321,10 @@ def _eval(node: ast.AST, ctx: Mapping[str, Any]) -> Any:
     if isinstance(node, ast.Name):
         return ctx.get(node.id)
     if isinstance(node, ast.Attribute):
-        return _item(_eval(node.value, ctx), node.attr)
+        obj = _eval(node.value, ctx)
+        if obj is not None and not isinstance(obj, Mapping):
+            raise ExpressionError(f"cannot read {node.attr!r} of a {type(obj).__name__}")
+        return _item(obj, node.attr)
     if isinstance(node, ast.Subscript):
         return _item(_eval(node.value, ctx), _eval(node.slice, ctx))
     if isinstance(node, ast.BoolOp):

@@ -22,7 +22,13 @@ Effectively once:
     timestamp decides, for shared (ownerless) columns only.
 ``archsync_applied_command``
     the command ids of ``insert_once`` commands, written in the same transaction as the row,
-    so an append-only table never gets a duplicate.
+    so an append-only table never gets a duplicate. An ``insert_once`` with a ``match`` also
+    inserts nothing when a row matching it exists (and never updates one).
+
+Special values (see processors/transform.py): ``{"$init": v}`` in ``values`` is written only when
+the row is inserted (``v`` may be a ``$lookup`` or ``$allocate``, resolved only then) and is not
+subject to ownership; ``{"$in": [v, ...]}`` in the ``match`` of an update/delete matches the rows
+whose column is one of the values (the guard key keeps the list as given).
 
 PostgreSQL 15 lets one session at a time use a replication origin: one Applier per origin.
 """
@@ -35,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import psycopg
@@ -47,7 +53,14 @@ from connectors.pgoutput import lsn_to_str
 from connectors.postgres import connect, first_line
 from processors.model import ApplyCommand, Conflict, json_default, to_jsonable
 
+if TYPE_CHECKING:
+    from archsync.settings import Settings
+    from topology.model import Topology
+
 log = logging.getLogger(__name__)
+
+#: (table ``schema.table``, source system, flow, column) → may the command write the column?
+MayWrite = Callable[[str, str, str, str], bool]
 
 ACTIONS = ("upsert", "update", "insert_once", "delete")
 
@@ -154,6 +167,13 @@ def _special(value: Any, key: str) -> Any:
     return None
 
 
+@dataclass(frozen=True)
+class _InList:
+    """A ``{"$in": [...]}`` match value, its elements turned into query parameters."""
+
+    values: tuple[Any, ...]
+
+
 def _decode_bytes(value: Any) -> Any:
     spec = _special(value, "$bytes")
     if spec is not None:
@@ -175,8 +195,10 @@ class Applier:
     ``conn`` is a psycopg connection (switched to autocommit; the Applier owns its transactions
     and binds the session to the origin) or a DSN, opened with :func:`connect` so a failure names
     ``setting``. ``ownership`` maps ``schema.table`` → column → owning system; columns not in it
-    are asked of ``default_owner(table, column)``; ``None`` means anyone may write the column.
-    Synchronous and not thread-safe: one Applier per thread.
+    are asked of ``default_owner(table, column)``; ``None`` means anyone may write the column
+    (shared: the later commit wins). ``may_write(table, source_system, flow, column)``, when
+    given, decides instead whether a command may write a column (e.g. flow grants); see
+    :meth:`for_topology`. Synchronous and not thread-safe: one Applier per thread.
     """
 
     def __init__(
@@ -188,11 +210,13 @@ class Applier:
         default_owner: Callable[[str, str], str | None] | None = None,
         *,
         setting: str = "target DSN",
+        may_write: MayWrite | None = None,
     ) -> None:
         self.target = target
         self.origin = origin or f"archsync_apply_{target}"
         self.ownership = {k: dict(v) for k, v in (ownership or {}).items()}
         self.default_owner = default_owner
+        self.may_write = may_write
         self._own_conn = isinstance(conn, str)
         if isinstance(conn, str):
             self.conn: psycopg.Connection[Any] = connect(conn, setting, autocommit=True)
@@ -208,6 +232,36 @@ class Applier:
             if self._own_conn:
                 self.conn.close()
             raise
+
+    @classmethod
+    def for_topology(cls, topology: Topology, settings: Settings, system: str, origin: str | None = None) -> Applier:
+        """The applier of target ``system`` with the topology's column ownership and grants.
+
+        Tables with an ownership entry (``<system>.<schema>.<table>``) are written per
+        ``Ownership.may_write`` (owner or granted flow); tables without one: anyone may write.
+        """
+        owns = {
+            target.partition(".")[2]: own
+            for target, own in topology.ownership.items()
+            if target.partition(".")[0] == system
+        }
+
+        def may_write(table: str, source_system: str, flow: str, column: str) -> bool:
+            own = owns.get(table)
+            return own is None or own.may_write(source_system, flow, column)
+
+        def default_owner(table: str, column: str) -> str | None:
+            own = owns.get(table)
+            return None if own is None else own.owner(column)
+
+        return cls(
+            settings.dsn_for(system),
+            system,
+            origin,
+            default_owner=default_owner,
+            setting=topology.source(system).dsn_env,
+            may_write=may_write,
+        )
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -269,6 +323,25 @@ class Applier:
         if self.default_owner is not None:
             return self.default_owner(table, column)
         return None
+
+    def refusal(self, table: str, cmd: ApplyCommand, column: str) -> str | None:
+        """Why ``cmd`` may not write ``table.column``; None when it may."""
+        if self.may_write is not None:
+            if self.may_write(table, cmd.source_system, cmd.flow, column):
+                return None
+            owner = self.owner_of(table, column)
+            return f"flow {cmd.flow} of {cmd.source_system} may not write {column} (owner: {owner or 'none'})"
+        owner = self.owner_of(table, column)
+        if owner is not None and owner != cmd.source_system:
+            return f"{column} is owned by {owner}, not by {cmd.source_system}"
+        return None
+
+    def _checked(self, table: str, cmd: ApplyCommand, column: str, value: Any) -> str | None:
+        """The ownership refusal for a value of ``cmd``; a value equal to the command's match value
+        for that column writes nothing new and is never refused."""
+        if column in cmd.match and cmd.match[column] == value:
+            return None
+        return self.refusal(table, cmd, column)
 
     # ------------------------------------------------------------------------------ batches
 
@@ -342,6 +415,10 @@ class Applier:
             raise CommandError(f"command for target {cmd.target_system!r} sent to the {self.target!r} applier")
         if not cmd.match and cmd.action != "insert_once":
             raise CommandError("empty match: the command does not identify a target row")
+        if cmd.action not in ("update", "delete"):
+            for col, value in cmd.match.items():
+                if _is_special(value, "$in"):
+                    raise CommandError(f"$in in match.{col} only fits an update/delete (not {cmd.action})")
         table = self._table(cmd.table)
         if cmd.action == "insert_once":
             self._insert_once(cmd, table, out)
@@ -358,7 +435,7 @@ class Applier:
                 out.skipped_replay += 1
                 return
         others = [g for s, g in guards.items() if s != cmd.source_system]
-        match = {c: self._param(v, table, c) for c, v in cmd.match.items()}
+        match = {c: self._match_param(v, table, c) for c, v in cmd.match.items()}
         if cmd.action == "delete":
             cur = self.conn.execute(
                 sql.SQL("DELETE FROM {} WHERE {}").format(table.ident, self._where(table, match)),
@@ -383,12 +460,16 @@ class Applier:
         now_ms = int(time.time() * 1000)
         plain: dict[str, Any] = {}
         allocations: dict[str, dict[str, Any]] = {}
-        rejected: list[str] = []
+        init: dict[str, Any] = {}  # written only when the row is inserted; not subject to ownership
+        rejected: dict[str, str] = {}
         for col, value in cmd.values.items():
             table.type_of(col)
-            owner = self.owner_of(table.name, col)
-            if owner is not None and owner != cmd.source_system:
-                rejected.append(col)
+            if _is_special(value, "$init"):
+                init[col] = value["$init"]
+                continue
+            why = self._checked(table.name, cmd, col, value)
+            if why is not None:
+                rejected[col] = why
                 continue
             spec = _special(value, "$allocate")
             if spec is not None:
@@ -414,12 +495,8 @@ class Applier:
                 )
             )
 
-        for col in rejected:
-            conflict(
-                col,
-                "rejected-not-owner",
-                f"{col} is owned by {self.owner_of(table.name, col)}, not by {cmd.source_system}",
-            )
+        for col, why in rejected.items():
+            conflict(col, "rejected-not-owner", why)
         newer = [g for g in others if _newer_than(g, cmd)]
         write: dict[str, Any] = {}
         for col, param in plain.items():
@@ -453,6 +530,8 @@ class Applier:
                 out.rows_affected += max(cur.rowcount, 0)
         elif insert:
             row = {**match, **write}
+            for col, value in init.items():
+                row.update(self._init_value(table, col, value))
             self.conn.execute(
                 sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
                     table.ident,
@@ -473,11 +552,22 @@ class Applier:
             out.skipped_replay += 1
             return
         row: dict[str, Any] = {c: self._param(v, table, c) for c, v in cmd.match.items()}
+        if row:  # insert unless a row matching ``match`` exists; never update it
+            exists = self.conn.execute(
+                sql.SQL("SELECT 1 FROM {} WHERE {} LIMIT 1 FOR UPDATE").format(table.ident, self._where(table, row)),
+                list(self._where_params(row)),
+            ).fetchone()
+            if exists is not None:
+                out.skipped_replay += 1
+                return
         now_ms = int(time.time() * 1000)
         for col, value in cmd.values.items():
             table.type_of(col)
-            owner = self.owner_of(table.name, col)
-            if owner is not None and owner != cmd.source_system:
+            if _is_special(value, "$init"):
+                row.update(self._init_value(table, col, value["$init"]))
+                continue
+            why = self._checked(table.name, cmd, col, value)
+            if why is not None:
                 out.conflicts.append(
                     Conflict(
                         cmd.flow,
@@ -487,7 +577,7 @@ class Applier:
                         value,
                         None,
                         "rejected-not-owner",
-                        f"{col} is owned by {owner}, not by {cmd.source_system}",
+                        why,
                         cmd.source_event_id,
                         now_ms,
                     )
@@ -539,11 +629,31 @@ class Applier:
             return self._lookup(lookup)
         if _special(value, "$allocate") is not None:
             raise CommandError(f"$allocate is only allowed in values, not for {column}")
+        if _is_special(value, "$init"):
+            raise CommandError(f"$init is only allowed in values (as a whole value), not for {column}")
+        if _is_special(value, "$in"):
+            raise CommandError(f"$in is only allowed in the match of an update/delete, not for {column}")
         if value is None:
             return None
         if ctype in ("json", "jsonb"):
             return Jsonb(value)
         return _decode_bytes(value)
+
+    def _match_param(self, value: Any, table: TargetTable, column: str) -> Any:
+        """A match value as a query parameter; ``{"$in": [...]}`` becomes an :class:`_InList`."""
+        if not _is_special(value, "$in"):
+            return self._param(value, table, column)
+        spec = value["$in"]
+        if not isinstance(spec, list):
+            raise CommandError(f"$in for {column} must be a list, got {type(spec).__name__}")
+        return _InList(tuple(self._param(v, table, column) for v in spec))
+
+    def _init_value(self, table: TargetTable, column: str, value: Any) -> dict[str, Any]:
+        """The column(s) an ``$init`` value writes on insert (an ``$allocate`` allocates only now)."""
+        spec = _special(value, "$allocate")
+        if spec is not None:
+            return self._allocate(table, column, spec)
+        return {column: self._param(value, table, column)}
 
     def _lookup(self, spec: Any) -> Any:
         if not isinstance(spec, dict) or not {"table", "column", "where"} <= spec.keys() or not spec["where"]:
@@ -592,16 +702,33 @@ class Applier:
         return result
 
     def _where(self, table: TargetTable, match: Mapping[str, Any]) -> sql.Composed:
-        return sql.SQL(" AND ").join(
-            sql.SQL("{} IS NULL").format(sql.Identifier(c))
-            if v is None
-            else sql.SQL("{} = %s::{}").format(sql.Identifier(c), sql.SQL(table.type_of(c)))
-            for c, v in match.items()
-        )
+        return sql.SQL(" AND ").join(self._condition(table, c, v) for c, v in match.items())
+
+    @staticmethod
+    def _condition(table: TargetTable, column: str, value: Any) -> sql.Composable:
+        ident = sql.Identifier(column)
+        if value is None:
+            return sql.SQL("{} IS NULL").format(ident)
+        cast = sql.SQL("%s::{}").format(sql.SQL(table.type_of(column)))
+        if not isinstance(value, _InList):
+            return sql.SQL("{} = {}").format(ident, cast)
+        terms: list[sql.Composable] = []
+        listed = [v for v in value.values if v is not None]
+        if listed:
+            terms.append(sql.SQL("{} IN ({})").format(ident, sql.SQL(", ").join([cast] * len(listed))))
+        if len(listed) < len(value.values):
+            terms.append(sql.SQL("{} IS NULL").format(ident))
+        if not terms:
+            return sql.SQL("false")  # an empty list matches no row
+        return sql.SQL("({})").format(sql.SQL(" OR ").join(terms))
 
     @staticmethod
     def _where_params(match: Mapping[str, Any]) -> Iterable[Any]:
-        return (v for v in match.values() if v is not None)
+        for v in match.values():
+            if isinstance(v, _InList):
+                yield from (x for x in v.values if x is not None)
+            elif v is not None:
+                yield v
 
     def _current(
         self, table: TargetTable, match: dict[str, Any], plain: dict[str, Any], read_only: list[str]
@@ -666,6 +793,10 @@ class Applier:
                 deleted,
             ),
         )
+
+
+def _is_special(value: Any, key: str) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and key in value
 
 
 def _newer_than(guard: _Guard, cmd: ApplyCommand) -> bool:

@@ -167,7 +167,7 @@ def create_app(
             key = event.key.decode()
             change = Change.from_json(event.value)
             started = time.perf_counter()
-            state = aggregates[key]
+            state = aggregates.get(key)
             if state is None:
                 state = new_state()
             if not apply_change(state, change):

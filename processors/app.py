@@ -91,7 +91,6 @@ def create_app(
 ) -> faust.App:
     """Build the Faust app for a topology (agents registered, not started)."""
     from connectors.applier import Applier
-
     from processors.transform import aggregate_key_of, apply_change, new_state, transform
 
     names = pipeline_topics(topology)
@@ -233,7 +232,6 @@ def _register_applier(
 ) -> None:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"apply-{system}")
     state: dict[str, Any] = {}
-    source = topology.source(system)
 
     def make_applier() -> Any:
         # PostgreSQL lets one session at a time use a replication origin: a second worker takes
@@ -243,9 +241,8 @@ def _register_applier(
         for n in range(1, 17):
             origin = base if n == 1 else f"{base}_{n}"
             try:
-                return applier_cls(settings.dsn_for(system), system, origin=origin,
-                                   ownership=ownership_map(topology, system), setting=source.dsn_env)
-            except Exception as exc:  # noqa: BLE001 - origin busy: try the next one
+                return applier_cls.for_topology(topology, settings, system, origin)
+            except Exception as exc:
                 last_error = exc
                 if "is already active" not in str(exc) and "in use" not in str(exc):
                     raise
@@ -290,20 +287,6 @@ def _register_applier(
                 await asyncio.gather(*sends)
 
     app.agent(topic, name=f"apply_{system}")(apply_agent)
-
-
-def ownership_map(topology: Topology, system: str) -> dict[str, dict[str, str]]:
-    """``schema.table`` → {column: owner system} for the target tables of ``system``."""
-    result: dict[str, dict[str, str]] = {}
-    for target, spec in (getattr(topology, "ownership", None) or {}).items():
-        target_system, _, table = str(target).partition(".")
-        if target_system != system:
-            continue
-        columns = getattr(spec, "columns", None)
-        if columns is None and isinstance(spec, dict):
-            columns = {c: owner for owner, cols in spec.items() if owner != "default" for c in cols}
-        result[table] = dict(columns or {})
-    return result
 
 
 def run_worker(topology: Topology, settings: Settings, loglevel: str = "warn") -> None:

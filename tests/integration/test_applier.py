@@ -13,10 +13,12 @@ import psycopg
 import pytest
 
 from archsync.settings import Settings
-from connectors.applier import Applier, ApplyError, target_key
+from connectors.applier import Applier, ApplyError, MayWrite, target_key
 from connectors.pgoutput import lsn_to_str
 from connectors.postgres import connect
-from processors.model import ApplyCommand, command_id
+from processors.model import ApplyCommand, Change, command_id
+from processors.transform import new_state, transform
+from topology.model import Topology, load_topology
 
 BASE_LSN = 0x3_0000_0000  # above 32 bits, so the LSN text has both halves
 BASE_TS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -87,14 +89,25 @@ def make_applier(settings: Settings, unique: str) -> Iterator[Callable[..., Appl
     """Appliers on a per-test origin (the real archsync_apply_<target> may be in use elsewhere)."""
     made: list[tuple[Applier, str]] = []
 
-    def make(target: str = "archive", ownership: dict[str, dict[str, str]] | None = None) -> Applier:
-        applier = Applier(
-            settings.dsn_for(target),
-            target,
-            origin=f"archsync_apply_{target}_t{unique}",
-            ownership=ownership,
-            setting=settings.dsn_setting(target),
-        )
+    def make(
+        target: str = "archive",
+        ownership: dict[str, dict[str, str]] | None = None,
+        *,
+        may_write: MayWrite | None = None,
+        topology: Topology | None = None,
+    ) -> Applier:
+        origin = f"archsync_apply_{target}_t{unique}"
+        if topology is not None:
+            applier = Applier.for_topology(topology, settings, target, origin)
+        else:
+            applier = Applier(
+                settings.dsn_for(target),
+                target,
+                origin=origin,
+                ownership=ownership,
+                setting=settings.dsn_setting(target),
+                may_write=may_write,
+            )
         made.append((applier, settings.dsn_for(target)))
         return applier
 
@@ -509,3 +522,234 @@ def test_writeback_to_oa_form_respects_ownership(
     finally:
         oa.execute("DELETE FROM oa_form WHERE form_no = %s", (form_no,))
         oa.execute("DELETE FROM archsync_apply_guard WHERE target_key LIKE %s", (f"%{form_no}%",))
+
+
+# ------------------------------------------------------------------------ $init, $in, insert_once, grants
+
+
+def test_init_is_written_only_on_insert(
+    make_applier: Callable[..., Applier], cmds: Commands, scratch: str, archive: psycopg.Connection[Any]
+) -> None:
+    applier = make_applier(ownership={scratch: {"status": "archive"}})
+    first = cmds(scratch, "upsert", {"k": "i"}, {"k": "i", "status": {"$init": "A"}, "shared": "s1"}, lsn=1)
+    result = applier.apply_batch([first])
+    assert (result.applied, result.rows_affected, result.conflicts) == (1, 1, [])  # $init: no ownership check
+    assert rows(archive, f"SELECT status, shared FROM {scratch}") == [("A", "s1")]
+    archive.execute(f"UPDATE {scratch} SET status = 'B'")
+    xmin = rows(archive, f"SELECT xmin::text FROM {scratch}")
+    # the row exists: $init is left alone, and a command that would change nothing else writes nothing
+    same = applier.apply_batch([cmds(scratch, "upsert", {"k": "i"}, {"status": {"$init": "A"}, "shared": "s1"}, lsn=2)])
+    assert (same.applied, same.rows_affected, same.conflicts) == (1, 0, [])
+    assert rows(archive, f"SELECT xmin::text FROM {scratch}") == xmin
+    later = applier.apply_batch(
+        [cmds(scratch, "upsert", {"k": "i"}, {"status": {"$init": "A"}, "shared": "s2"}, lsn=3)]
+    )
+    assert (later.applied, later.rows_affected) == (1, 1)
+    assert rows(archive, f"SELECT status, shared FROM {scratch}") == [("B", "s2")]
+    # an update never inserts, so its $init values are never written
+    update = cmds(scratch, "update", {"k": "i"}, {"n": {"$init": "9.00"}, "shared": "s3"}, lsn=4)
+    assert applier.apply_batch([update]).rows_affected == 1
+    assert rows(archive, f"SELECT n, shared FROM {scratch}") == [(None, "s3")]
+    # insert_once writes $init values (it always inserts)
+    event = cmds(scratch, "insert_once", {"k": "e"}, {"k": "e", "status": {"$init": "A"}}, lsn=5)
+    assert applier.apply_batch([event]).applied == 1
+    assert rows(archive, f"SELECT status FROM {scratch} WHERE k = 'e'") == [("A",)]
+    # $init elsewhere than as a whole value is refused
+    bad = applier.apply_batch([cmds(scratch, "upsert", {"k": {"$init": "x"}}, {"shared": "x"}, lsn=6)])
+    assert len(bad.failed) == 1 and "$init is only allowed in values" in bad.failed[0][1]
+
+
+def test_init_allocate_only_on_insert(
+    make_applier: Callable[..., Applier], cmds: Commands, items: str, archive: psycopg.Connection[Any]
+) -> None:
+    applier = make_applier()
+    init_code = {"$init": allocate(items)}
+    a = item_cmd(cmds, items, 1, lsn=1, archive_code=init_code, status={"$init": "RECEIVED"}, retention_code="Y30")
+    # item 2 exists before (without a code): a later upsert with $init never numbers it
+    b0 = item_cmd(cmds, items, 2, lsn=2, retention_code="Y30")
+    b = item_cmd(cmds, items, 2, lsn=3, archive_code=init_code, title="again")
+    result = applier.apply_batch([a, b0, b])
+    assert (result.applied, result.failed) == (3, [])
+    numbered = (
+        "SELECT source_ref, item_no, archive_code, status, title FROM arc_item WHERE source_ref LIKE %s ORDER BY 1"
+    )
+    expected = [
+        (f"{items}-1", 1, f"{items}-KJ·2026·Y30-0001-0001", "RECEIVED", "form 1"),
+        (f"{items}-2", None, None, "RECEIVED", "again"),
+    ]
+    assert rows(archive, numbered, f"{items}%") == expected
+    sequence = "SELECT next_item_no FROM arc_code_sequence WHERE fonds_code = %s"
+    assert rows(archive, sequence, items) == [(2,)]
+    # a newer upsert of the numbered item keeps its code, status and number; no number is consumed
+    archive.execute("UPDATE arc_item SET status = 'CHECKED' WHERE source_ref = %s", (f"{items}-1",))
+    newer = item_cmd(cmds, items, 1, lsn=4, archive_code=init_code, status={"$init": "RECEIVED"}, title="renamed")
+    assert (applier.apply_batch([newer]).applied, applier.apply_batch([a, b]).skipped) == (1, 2)
+    assert rows(archive, numbered, f"{items}%") == [
+        (f"{items}-1", 1, f"{items}-KJ·2026·Y30-0001-0001", "CHECKED", "renamed"),
+        expected[1],
+    ]
+    assert rows(archive, sequence, items) == [(2,)]
+
+
+def test_in_match_for_update_and_delete(
+    make_applier: Callable[..., Applier], cmds: Commands, scratch: str, archive: psycopg.Connection[Any]
+) -> None:
+    applier = make_applier()
+    applier.apply_batch(
+        [
+            cmds(scratch, "upsert", {"k": "a"}, {"status": "A", "n": "1.50"}, lsn=1),
+            cmds(scratch, "upsert", {"k": "b"}, {"status": "B", "n": "2.00"}, lsn=1, order=1),
+            cmds(scratch, "upsert", {"k": "c"}, {"n": "3.00"}, lsn=1, order=2),
+        ]
+    )
+    only_a = {"k": "a", "status": {"$in": ["A"]}}
+    cancel_a = cmds(scratch, "update", only_a, {"status": "B"}, lsn=2)
+    cancel_b = cmds(scratch, "update", {"k": "b", "status": {"$in": ["A"]}}, {"status": "A"}, lsn=2, order=1)
+    result = applier.apply_batch([cancel_a, cancel_b])
+    assert (result.applied, result.rows_affected, result.failed) == (2, 1, [])
+    assert rows(archive, f"SELECT k, status FROM {scratch} ORDER BY k") == [("a", "B"), ("b", "B"), ("c", None)]
+    # the guard key is the match with the list kept as given (canonical JSON); a replay is skipped
+    keys = rows(archive, "SELECT target_key FROM archsync_apply_guard WHERE target_table = %s ORDER BY 1", scratch)
+    assert target_key(only_a) == '{"k":"a","status":{"$in":["A"]}}' and (target_key(only_a),) in keys
+    assert applier.apply_batch([cancel_a]).skipped_replay == 1
+    # values cast to the column type (numeric), null in the list matches NULL, an empty list matches nothing
+    numeric = cmds(scratch, "update", {"n": {"$in": ["1.5", "2.000"]}}, {"shared": "n"}, lsn=3)
+    nulls = cmds(scratch, "update", {"k": "c", "status": {"$in": ["A", None]}}, {"shared": "null"}, lsn=3, order=1)
+    empty = cmds(scratch, "update", {"k": "a", "status": {"$in": []}}, {"shared": "never"}, lsn=3, order=2)
+    assert applier.apply_batch([numeric, nulls, empty]).rows_affected == 3
+    assert rows(archive, f"SELECT k, shared FROM {scratch} ORDER BY k") == [("a", "n"), ("b", "n"), ("c", "null")]
+    gone = applier.apply_batch(
+        [
+            cmds(scratch, "delete", {"k": "a", "status": {"$in": ["A"]}}, lsn=4),
+            cmds(scratch, "delete", {"k": "b", "status": {"$in": ["A", "B"]}}, lsn=4, order=1),
+        ]
+    )
+    assert (gone.applied, gone.rows_affected) == (2, 1)
+    assert rows(archive, f"SELECT k FROM {scratch} ORDER BY k") == [("a",), ("c",)]
+    # $in fits only the match of an update/delete
+    bad = applier.apply_batch(
+        [
+            cmds(scratch, "upsert", {"k": "d", "status": {"$in": ["A"]}}, {"n": "1"}, lsn=5),
+            cmds(scratch, "update", {"k": "a"}, {"status": {"$in": ["A"]}}, lsn=6),
+        ]
+    )
+    reasons = [reason for _, reason in bad.failed]
+    assert "$in in match.status only fits an update/delete (not upsert)" in reasons[0]
+    assert "$in is only allowed in the match of an update/delete" in reasons[1]
+
+
+def test_insert_once_inserts_unless_a_matching_row_exists(
+    make_applier: Callable[..., Applier], cmds: Commands, scratch: str, archive: psycopg.Connection[Any]
+) -> None:
+    applier = make_applier()
+    first = cmds(scratch, "insert_once", {"k": "ev"}, {"k": "ev", "status": "A"}, lsn=1)
+    # the same event from another source position (snapshot, then stream): another command id
+    other = cmds(scratch, "insert_once", {"k": "ev"}, {"k": "ev", "status": "B"}, lsn=2)
+    assert first.command_id != other.command_id
+    result = applier.apply_batch([first, other])
+    assert (result.applied, result.skipped_replay, result.failed) == (1, 1, [])
+    assert rows(archive, f"SELECT k, status FROM {scratch}") == [("ev", "A")]  # never updated
+    again = applier.apply_batch([first, other])
+    assert (again.applied, again.skipped_replay, again.rows_affected) == (0, 2, 0)
+    # even once the row is gone, a replay never brings it back (command id guard)
+    archive.execute(f"DELETE FROM {scratch}")
+    assert applier.apply_batch([first, other]).skipped_replay == 2
+    assert rows(archive, f"SELECT count(*) FROM {scratch}") == [(0,)]
+
+
+def test_may_write_decides_per_flow(
+    make_applier: Callable[..., Applier], cmds: Commands, scratch: str, archive: psycopg.Connection[Any]
+) -> None:
+    asked: list[tuple[str, str, str, str]] = []
+
+    def may_write(table: str, system: str, flow: str, column: str) -> bool:
+        asked.append((table, system, flow, column))
+        return column != "owned" or flow == "granted" or system == "archive"
+
+    applier = make_applier(ownership={scratch: {"owned": "oa"}}, may_write=may_write)  # may_write decides
+    applier.apply_batch([cmds(scratch, "upsert", {"k": "w"}, {"k": "w", "owned": "mine"}, lsn=1, system="archive")])
+    refused = applier.apply_batch(
+        [cmds(scratch, "upsert", {"k": "w"}, {"k": "w", "owned": "x", "shared": "s", "n": {"$init": "1"}}, lsn=2)]
+    )
+    assert (refused.applied, refused.rows_affected, refused.failed) == (1, 1, [])
+    assert [(c.column, c.decision, c.incoming, c.current) for c in refused.conflicts] == [
+        ("owned", "rejected-not-owner", "x", "mine"),
+        ("shared", "applied-newer", "s", None),  # shared (no owner): the later commit wins
+    ]
+    assert "flow test of oa may not write owned" in refused.conflicts[0].reason
+    assert (scratch, "oa", "test", "shared") in asked
+    assert all(column not in ("k", "n") or system == "archive" for _, system, _, column in asked)  # match, $init
+    granted = applier.apply_batch([cmds(scratch, "update", {"k": "w"}, {"owned": "granted"}, lsn=3, flow="granted")])
+    assert (granted.applied, granted.conflicts) == (1, [])
+    event = applier.apply_batch([cmds(scratch, "insert_once", {"k": "e"}, {"k": "e", "owned": "no"}, lsn=4)])
+    assert [(c.column, c.decision) for c in event.conflicts] == [("owned", "rejected-not-owner")]
+    assert rows(archive, f"SELECT k, owned, shared, n FROM {scratch} ORDER BY k") == [
+        ("e", None, None, None),
+        ("w", "granted", "s", None),
+    ]
+
+
+def test_for_topology_runs_the_transform_commands(
+    make_applier: Callable[..., Applier], cmds: Commands, items: str, archive: psycopg.Connection[Any]
+) -> None:
+    topology = load_topology()
+    applier = make_applier(topology=topology)
+    assert (applier.target, applier.origin.startswith("archsync_apply_archive_t")) == ("archive", True)
+    form = {
+        "id": 1,
+        "form_no": f"{items}-1",
+        "form_type": "EXPENSE",
+        "status": "APPROVED",
+        "fiscal_year": 2026,
+        "fiscal_month": 3,
+        "approved_at": "2026-03-01T08:00:00+00:00",
+        "created_at": "2026-03-01T07:00:00+00:00",
+        "fonds_code": items,
+        "title": "taxi",
+        "applicant": "ann",
+        "amount": "12.30",
+        "currency": "CNY",
+        "row_version": 1,
+        "department": "fin",
+        "payee": "cab co",
+    }
+    state = new_state()
+
+    def change(n: int, op: str, before: dict[str, Any] | None, after: dict[str, Any]) -> list[ApplyCommand]:
+        result = transform(
+            topology,
+            state,
+            Change(f"oa:{n}:0", "oa", "public.oa_form", op, {"id": 1}, before, after, n, 0, BASE_TS + n),
+        )
+        assert (result.rejected, result.conflicts) == ([], [])
+        return result.commands
+
+    approved = change(1, "c", None, form)
+    assert approved[0].values["archive_code"] == {"$init": allocate(items)}
+    result = applier.apply_batch(approved)
+    # status / archive_code are archive's columns, but $init values are not subject to ownership
+    assert (result.applied, result.conflicts, result.failed) == (1, [], [])
+    state_sql = "SELECT status, archive_code, item_no, amount::text FROM arc_item WHERE source_ref = %s"
+    assert rows(archive, state_sql, f"{items}-1") == [("RECEIVED", f"{items}-KJ·2026·Y30-0001-0001", 1, "12.30")]
+    # the archive's own status wins over a plain write of another flow of the OA …
+    plain = cmds(
+        "public.arc_item",
+        "upsert",
+        {"source_system": "oa", "source_ref": f"{items}-1"},
+        {"status": "CHECKED", "amount": "13.00"},
+        lsn=2,
+        flow="approved_form_to_item",
+    )
+    refused = applier.apply_batch([plain])
+    assert [(c.column, c.decision) for c in refused.conflicts] == [("status", "rejected-not-owner")]
+    assert rows(archive, state_sql, f"{items}-1") == [("RECEIVED", f"{items}-KJ·2026·Y30-0001-0001", 1, "13.00")]
+    # … but form_cancelled_to_item has a grant, guarded by its $in match
+    cancelled = change(3, "u", form, {**form, "status": "WITHDRAWN", "row_version": 2})
+    assert cancelled[0].match["status"] == {"$in": ["RECEIVED", "CHECKED", "CHECK_FAILED"]}
+    result = applier.apply_batch(cancelled)
+    assert (result.applied, result.rows_affected, result.conflicts) == (1, 1, [])
+    assert rows(archive, state_sql, f"{items}-1")[0][0] == "CANCELLED"
+    # a replay numbers nothing and changes nothing
+    replay = applier.apply_batch([*approved, *cancelled])
+    assert (replay.applied, replay.skipped) == (0, 2)
+    assert rows(archive, "SELECT next_item_no FROM arc_code_sequence WHERE fonds_code = %s", items) == [(2,)]

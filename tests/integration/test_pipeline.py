@@ -111,3 +111,139 @@ def test_approved_form_is_archived_and_the_code_flows_back(pipeline: Pipeline, u
     time.sleep(4)
     assert p.sql("oa", "SELECT row_version FROM oa_form WHERE id = %s", (form_id,))[0][0] == version
     assert p.sql("archive", "SELECT updated_at FROM arc_item WHERE id = %s", (item["id"],))[0][0] == updated
+
+
+def test_withdrawn_rejected_revoked_and_borrowing_round_trip(pipeline: Pipeline, unique: str) -> None:
+    p = pipeline
+    fonds = f"W{unique[:5]}"
+    # approved then rejected before filing: the pending item is cancelled
+    a = new_form(p, f"A-{unique}", fonds, attachments=0)
+    approve(p, a)
+    p.wait_for(lambda: item_of(p, f"A-{unique}"), 60, "item A")
+    p.sql("oa", "UPDATE oa_form SET status = 'REJECTED' WHERE id = %s", (a,))
+    p.wait_for(lambda: (item_of(p, f"A-{unique}") or {}).get("status") == "CANCELLED", 60, "item A cancelled")
+    # approved, filed, then the approval is revoked: a correcting business event, the item stays
+    b = new_form(p, f"B-{unique}", fonds, attachments=1)
+    approve(p, b)
+    item_b = p.wait_for(lambda: item_of(p, f"B-{unique}"), 60, "item B")
+    p.sql("archive", "UPDATE arc_item SET status = 'FILED', filed_at = now() WHERE id = %s", (item_b["id"],))
+    p.wait_for(
+        lambda: p.sql("oa", "SELECT 1 FROM oa_form WHERE id = %s AND archive_status = 'FILED'", (b,)),
+        60,
+        "B filed on the OA side",
+    )
+    p.sql(
+        "oa",
+        "INSERT INTO oa_approval_record (form_id, approver, node, action, comment) VALUES"
+        " (%s, 'boss', 'finance', 'REVOKE', 'duplicate invoice')",
+        (b,),
+    )
+    events = p.wait_for(
+        lambda: p.sql(
+            "archive",
+            "SELECT event_type FROM arc_business_event WHERE item_id = %s AND event_type = 'CORRECTION'",
+            (item_b["id"],),
+        ),
+        60,
+        "correction",
+    )
+    assert len(events) == 1
+    assert (item_of(p, f"B-{unique}") or {}).get("status") == "FILED"
+    # a borrowing request becomes an OA task; the OA decision flows back
+    borrow = p.sql(
+        "archive",
+        "INSERT INTO arc_borrow_request (item_id, requester, purpose) VALUES (%s, 'auditor',"
+        " 'annual audit') RETURNING id",
+        (item_b["id"],),
+    )[0][0]
+    task = p.wait_for(
+        lambda: p.sql("oa", "SELECT id, status, task_type FROM oa_task WHERE ref_id = %s", (f"borrow:{borrow}",)),
+        60,
+        "the OA task",
+    )
+    assert task[0][1:] == ("PENDING", "ARCHIVE_BORROW")
+    p.sql(
+        "oa",
+        "UPDATE oa_task SET status = 'APPROVED', decided_by = 'boss', decided_at = now() WHERE id = %s",
+        (task[0][0],),
+    )
+    p.wait_for(
+        lambda: p.sql("archive", "SELECT 1 FROM arc_borrow_request WHERE id = %s AND status = 'APPROVED'", (borrow,)),
+        60,
+        "the decision back on the borrow request",
+    )
+
+
+def archive_fingerprint(p: Pipeline, fonds: str) -> list:
+    return p.sql(
+        "archive",
+        "SELECT i.archive_code, i.status, i.row_version, i.updated_at::text,"
+        " (SELECT count(*) FROM arc_file f WHERE f.item_id = i.id),"
+        " (SELECT count(*) FROM arc_business_event e WHERE e.item_id = i.id)"
+        " FROM arc_item i WHERE i.fonds_code = %s ORDER BY i.archive_code",
+        (fonds,),
+    )
+
+
+def test_worker_killed_mid_run_and_apply_topic_replayed_change_nothing(pipeline: Pipeline, unique: str) -> None:
+    import time
+
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    p = pipeline
+    fonds = f"K{unique[:5]}"
+    forms = []
+    for n in range(30):
+        forms.append(new_form(p, f"K-{unique}-{n:02d}", fonds, attachments=1))
+    for n, form_id in enumerate(forms):
+        approve(p, form_id)
+        if n in (8, 19):
+            p.kill_worker()
+            time.sleep(0.5)
+            p.start_worker()
+    p.wait_for(lambda: len(archive_fingerprint(p, fonds)) == 30, 120, "all 30 items")
+    p.wait_for(
+        lambda: (
+            p.sql(
+                "archive",
+                "SELECT count(*) FROM arc_file f JOIN arc_item i ON i.id = f.item_id WHERE i.fonds_code = %s",
+                (fonds,),
+            )[0][0]
+            == 30
+        ),
+        60,
+        "all 30 files",
+    )
+    before = archive_fingerprint(p, fonds)
+    numbers = sorted(p.sql("archive", "SELECT item_no FROM arc_item WHERE fonds_code = %s", (fonds,)))
+    assert [n[0] for n in numbers] == list(range(1, 31)), "archival item numbers have gaps or duplicates"
+    # replay the whole apply topic: every command again
+    topic = f"{p.topology.topics.prefix}.apply.archive"
+    consumer = Consumer(
+        {
+            "bootstrap.servers": p.settings.kafka_bootstrap,
+            "group.id": f"replay-{unique}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    ends = {tp: consumer.get_watermark_offsets(TopicPartition(topic, tp), timeout=10)[1] for tp in range(2)}
+    consumer.assign([TopicPartition(topic, tp, 0) for tp in range(2)])
+    producer = Producer({"bootstrap.servers": p.settings.kafka_bootstrap, "enable.idempotence": True})
+    copied = 0
+    deadline = time.monotonic() + 60
+    while copied < sum(ends.values()) and time.monotonic() < deadline:  # copy exactly what was there
+        msg = consumer.poll(0.5)
+        if msg is None or msg.error() or msg.offset() >= ends[msg.partition()]:
+            continue
+        while True:
+            try:
+                producer.produce(topic, msg.value(), msg.key())
+                break
+            except BufferError:
+                producer.poll(0.2)
+        copied += 1
+    consumer.close()
+    assert producer.flush(30) == 0 and copied >= 60
+    time.sleep(8)
+    assert archive_fingerprint(p, fonds) == before

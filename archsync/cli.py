@@ -110,7 +110,7 @@ def topology_check(ctx: Context) -> None:
 
     topology = ctx.topology()
     for name, source in topology.sources.items():
-        with connect(ctx.settings.dsn_for(name), source.dsn_env, autocommit=True) as conn:
+        with connect(source.dsn(ctx.settings), source.dsn_env, autocommit=True) as conn:
             keys = primary_keys(conn, source.tables)
         click.echo(f"{name}: {len(keys)} table(s) ok, keyed by primary key")
     click.echo(f"topology {topology.name} ({topology.path}) is valid")
@@ -134,7 +134,7 @@ def topology_apply(ctx: Context) -> None:
         TopicSpec(t.heartbeat_topic(), 1, t.replication_factor, {"cleanup.policy": "compact"}),
     ]
     for name, source in topology.sources.items():
-        with connect(ctx.settings.dsn_for(name), source.dsn_env, autocommit=True) as conn:
+        with connect(source.dsn(ctx.settings), source.dsn_env, autocommit=True) as conn:
             primary_keys(conn, source.tables)
             added = ensure_publication(conn, source.publication, source.tables)
         click.echo(
@@ -260,7 +260,7 @@ def _slot_rows(ctx: Context) -> list[tuple[str, Any]]:
     topology = ctx.topology()
     rows = []
     for name, source in topology.sources.items():
-        with connect(ctx.settings.dsn_for(name), source.dsn_env, autocommit=True) as conn:
+        with connect(source.dsn(ctx.settings), source.dsn_env, autocommit=True) as conn:
             for slot in list_slots(conn):
                 if slot.name == source.slot or slot.name.startswith(f"{source.slot}_"):
                     rows.append((name, slot))
@@ -307,7 +307,7 @@ def slots_drop(ctx: Context, source_name: str, yes: bool) -> None:
     source = ctx.topology().source(source_name)
     if not yes:
         click.confirm(f"drop slot {source.slot} of {source_name}? The next capture takes a new snapshot", abort=True)
-    with connect(ctx.settings.dsn_for(source_name), source.dsn_env, autocommit=True) as conn:
+    with connect(source.dsn(ctx.settings), source.dsn_env, autocommit=True) as conn:
         dropped = drop_slot(conn, source.slot, terminate=True)
         forget_snapshots(conn, source.slot)
     click.echo(f"slot {source.slot}: {'dropped' if dropped else 'did not exist'}")

@@ -255,7 +255,7 @@ class Applier:
             return None if own is None else own.owner(column)
 
         return cls(
-            settings.dsn_for(system),
+            topology.source(system).dsn(settings),
             system,
             origin,
             default_owner=default_owner,

@@ -76,7 +76,7 @@ class CaptureService:
         self.topology = topology
         self.source: Source = topology.source(source_name)
         self.settings = settings
-        self.dsn = dsn or os.environ.get(self.source.dsn_env) or settings.dsn_for(source_name)
+        self.dsn = dsn or self.source.dsn(settings)
         self.setting = self.source.dsn_env
         self.lock_poll_seconds = lock_poll_seconds
         self.stats = CaptureStats()

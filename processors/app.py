@@ -236,7 +236,7 @@ def _register_applier(
     def make_applier() -> Any:
         # PostgreSQL lets one session at a time use a replication origin: a second worker takes
         # the next numbered origin (archsync_apply_<system>_2 …), which the capture also skips
-        base = f"archsync_apply_{system}"
+        base = applier_origin(topology, system)
         last_error: Exception | None = None
         for n in range(1, 17):
             origin = base if n == 1 else f"{base}_{n}"
@@ -287,6 +287,15 @@ def _register_applier(
                 await asyncio.gather(*sends)
 
     app.agent(topic, name=f"apply_{system}")(apply_agent)
+
+
+def applier_origin(topology: Topology, system: str) -> str:
+    """The replication origin of the applier writing to ``system``: the topology's applier named
+    ``…_<system>`` (the capture skips transactions under it and its numbered siblings)."""
+    for name in topology.appliers:
+        if name.endswith(f"_{system}"):
+            return name
+    return f"archsync_apply_{system}"
 
 
 def run_worker(topology: Topology, settings: Settings, loglevel: str = "warn") -> None:

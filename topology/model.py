@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,6 +60,16 @@ class Source:
     snapshot: str = "initial"  # initial | never
     snapshot_chunk_rows: int = 5000
     max_message_bytes: int = 1_000_000
+
+    def dsn(self, settings: Any) -> str:
+        """This source's DSN: its ``dsn_env`` variable, else the settings' default for oa/archive."""
+        value = os.environ.get(self.dsn_env)
+        if value:
+            return value
+        try:
+            return str(settings.dsn_for(self.name))
+        except ArchsyncError:
+            raise TopologyError(f"{self.dsn_env}: not set (the DSN of source {self.name!r})") from None
 
     @property
     def lock_id(self) -> int:

@@ -94,8 +94,8 @@ class Pipeline:
 
     def cleanup(self) -> None:
         self.stop()
-        for name, source in self.topology.sources.items():
-            with connect(self.settings.dsn_for(name), source.dsn_env, autocommit=True) as conn:
+        for source in self.topology.sources.values():
+            with connect(source.dsn(self.settings), source.dsn_env, autocommit=True) as conn:
                 for _ in range(50):
                     try:
                         drop_slot(conn, source.slot, terminate=True)
@@ -114,7 +114,8 @@ class Pipeline:
 
     # -- helpers ------------------------------------------------------------------------
     def sql(self, system: str, statement: str, params: Any = None) -> list[Any]:
-        with connect(self.settings.dsn_for(system), system, autocommit=True) as conn:
+        source = self.topology.source(system)
+        with connect(source.dsn(self.settings), source.dsn_env, autocommit=True) as conn:
             cur = conn.execute(statement, params)
             return cur.fetchall() if cur.description else []
 

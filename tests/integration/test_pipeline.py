@@ -247,3 +247,58 @@ def test_worker_killed_mid_run_and_apply_topic_replayed_change_nothing(pipeline:
     assert producer.flush(30) == 0 and copied >= 60
     time.sleep(8)
     assert archive_fingerprint(p, fonds) == before
+
+
+def test_second_schema_syncs_with_yaml_only(
+    settings: Settings, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ACME OA (other table and column names) syncs through topology/examples/acme.yaml alone."""
+    from connectors.postgres import connect
+
+    repo = Path(__file__).resolve().parents[2]
+    with connect(settings.oa_dsn, "ARCHSYNC_OA_DSN", autocommit=True) as conn:
+        conn.execute((repo / "schemas" / "sql" / "examples" / "acme_oa.sql").read_text())
+    monkeypatch.setenv("ARCHSYNC_ACME_DSN", settings.oa_dsn)  # the ACME tables live in the OA database here
+    p = Pipeline(settings, unique, tmp_path, base=repo / "topology" / "examples" / "acme.yaml")
+    try:
+        p.start()
+        code = f"AC-{unique}"
+        claim = p.sql(
+            "acme",
+            "INSERT INTO acme_expense_claim (claim_code, claim_kind, state, total_amt, claimant,"
+            " subject, booked_on) VALUES (%s, 'TRAVEL', 'PENDING', 88.80, 'zhang', 'trip',"
+            " '2026-11-03') RETURNING claim_id",
+            (code,),
+        )[0][0]
+        content = code.encode()
+        p.sql(
+            "acme",
+            "INSERT INTO acme_claim_file (claim_id, file_kind, original_name, byte_size, sha256_hex)"
+            " VALUES (%s, 'INVOICE', 'receipt.pdf', %s, %s)",
+            (claim, len(content), hashlib.sha256(content).hexdigest()),
+        )
+        p.sql("acme", "UPDATE acme_expense_claim SET state = 'OK', decided_on = now() WHERE claim_id = %s", (claim,))
+        item = p.wait_for(
+            lambda: p.sql(
+                "archive",
+                "SELECT id, archive_code, amount::text FROM arc_item WHERE source_system = 'acme' AND source_ref = %s",
+                (code,),
+            ),
+            60,
+            "the ACME claim's archive item",
+        )
+        assert item[0][2] == "88.80" and item[0][1]
+        p.wait_for(lambda: p.sql("archive", "SELECT 1 FROM arc_file WHERE item_id = %s", (item[0][0],)), 30, "file")
+        p.sql("archive", "UPDATE arc_item SET status = 'FILED', filed_at = now() WHERE id = %s", (item[0][0],))
+        back = p.wait_for(
+            lambda: (
+                (r := p.sql("acme", "SELECT arc_code, arc_state FROM acme_expense_claim WHERE claim_id = %s", (claim,)))
+                and r[0][1] == "FILED"
+                and r
+            ),
+            60,
+            "the write-back onto the ACME claim",
+        )
+        assert back[0][0] == item[0][1]
+    finally:
+        p.cleanup()

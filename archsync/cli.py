@@ -165,13 +165,13 @@ def topology_show(ctx: Context) -> None:
 
 
 @cli.command()
-@click.option("--seconds", type=float, default=20.0, show_default=True, help="How long the demo streams.")
+@click.option("--forms", type=int, default=20, show_default=True, help="How many OA forms the office submits.")
 @pass_ctx
-def demo(ctx: Context, seconds: float) -> None:
-    """The local demo: schemas, topology, both captures, sample OA and archive activity, a summary."""
+def demo(ctx: Context, forms: int) -> None:
+    """The local demo: the whole pipeline, a simulated OA office and archive; exit 0 if both sides agree."""
     from archsync.demo import run_demo
 
-    run_demo(ctx.settings, ctx.topology(), seconds)
+    raise SystemExit(run_demo(ctx.settings, ctx.topology(), forms, ctx.topology_path))
 
 
 @cli.command()
@@ -332,3 +332,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 __all__ = ["ENV_KAFKA_BOOTSTRAP", "cli", "main"]
+
+if __name__ == "__main__":
+    main()

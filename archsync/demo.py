@@ -1,10 +1,11 @@
-"""`make demo`: the local demo on the default services.
+"""`make demo`: the whole pipeline on the local default services, with a simulated office.
 
-What runs today: both reference schemas are created, the topology is applied, the OA and the
-archive captures stream into Kafka while sample activity happens on both sides (forms submitted
-and approved with their approval trail and attachments; archive items received and filed; a
-borrowing request), then a summary of what reached each topic. The processors that apply the
-changes to the other side come with the processors issue.
+It creates the schemas, applies the topology (publications, topics), starts both captures and a
+worker, then simulates an OA office and archive clerks: forms submitted with attachments, approved,
+rejected or withdrawn; approved forms archived; clerks filing items (one check failure); an approval
+revoked after filing; borrowing requests decided in OA. It shows progress and ends with a summary:
+forms approved, items filed, codes written back, tasks round-tripped, dead letters and end-to-end
+latency percentiles. It exits 0 only when both databases agree.
 """
 
 from __future__ import annotations
@@ -13,177 +14,328 @@ import hashlib
 import logging
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
-from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, TopicPartition
 
 from archsync.settings import Settings
 from connectors.capture import CaptureService
-from connectors.catalog import ensure_publication, list_slots, split_table
-from connectors.kafka_admin import TopicSpec, check_broker, ensure_topics
+from connectors.catalog import ensure_publication
+from connectors.kafka_admin import check_broker
 from connectors.migrations import apply_migrations
 from connectors.postgres import connect
-from schemas.codec import ChangeEventCodec, to_json
+from processors.app import ensure_pipeline_topics, pipeline_topics
 from topology.model import Topology
 
 
-def _activity(settings: Settings, run_tag: str, forms: int) -> None:
-    rng = random.Random(run_tag)
-    with (
-        connect(settings.oa_dsn, "ARCHSYNC_OA_DSN", autocommit=True) as oa,
-        connect(settings.archive_dsn, "ARCHSYNC_ARCHIVE_DSN", autocommit=True) as arc,
-    ):
-        for n in range(forms):
-            form_type = rng.choice(["EXPENSE", "PAYMENT", "CONTRACT"])
-            amount = f"{rng.randint(100, 500000)}.{rng.randint(0, 99):02d}"
-            with oa.transaction():
-                row = oa.execute(
-                    "INSERT INTO oa_form (form_no, form_type, status, amount, fonds_code, applicant, department,"
-                    " title, fiscal_year, fiscal_month) VALUES (%s, %s, 'SUBMITTED', %s, 'F001', %s, 'Finance',"
-                    " %s, 2026, 11) RETURNING id",
-                    (
-                        f"DEMO-{run_tag}-{n:03d}",
-                        form_type,
-                        amount,
-                        rng.choice(["王芳", "李雷", "Chen"]),
-                        f"{form_type.title()} claim {n}",
-                    ),
-                ).fetchone()
-                assert row is not None
-                form_id = row[0]
-                oa.execute(
-                    "INSERT INTO oa_approval_record (form_id, approver, node, action) VALUES"
-                    " (%s, 'applicant', 'start', 'SUBMIT')",
-                    (form_id,),
-                )
-                content = f"e-invoice {run_tag} {n}".encode()
-                oa.execute(
-                    "INSERT INTO oa_attachment (form_id, kind, file_name, size_bytes, sha256)"
-                    " VALUES (%s, 'EINVOICE_XML', %s, %s, %s)",
-                    (form_id, f"invoice-{n}.xml", len(content), hashlib.sha256(content).hexdigest()),
-                )
-            approved = rng.random() < 0.8
-            with oa.transaction():
-                oa.execute(
-                    "INSERT INTO oa_approval_record (form_id, approver, node, action) VALUES"
-                    " (%s, 'manager', 'finance-review', %s)",
-                    (form_id, "APPROVE" if approved else "REJECT"),
-                )
-                oa.execute(
-                    "UPDATE oa_form SET status = %s, approved_at = CASE WHEN %s THEN now() END WHERE id = %s",
-                    ("APPROVED" if approved else "REJECTED", approved, form_id),
-                )
-            if approved:
-                with arc.transaction():
-                    item = arc.execute(
-                        "INSERT INTO arc_item (fonds_code, class_code, fiscal_year, fiscal_month, title, category,"
-                        " retention_code, expire_date, source_system, source_ref, amount)"
-                        " VALUES ('F001', 'KJ', 2026, 11, %s, 'VOUCHER', 'Y30', '2056-12-31', 'oa', %s, %s)"
-                        " RETURNING id",
-                        (f"{form_type} {n}", f"DEMO-{run_tag}-{n:03d}", amount),
-                    ).fetchone()
-                    assert item is not None
-                    arc.execute(
-                        "INSERT INTO arc_file (item_id, seq, file_name, format, size_bytes, sha256)"
-                        " VALUES (%s, 1, %s, 'XML', %s, %s)",
-                        (item[0], f"invoice-{n}.xml", len(content), hashlib.sha256(content).hexdigest()),
-                    )
-            time.sleep(0.05)
+class Office:
+    """SQL helpers for the two databases."""
+
+    def __init__(self, settings: Settings, topology: Topology) -> None:
+        self.dsn = {name: s.dsn(settings) for name, s in topology.sources.items()}
+        self.setting = {name: s.dsn_env for name, s in topology.sources.items()}
+
+    def sql(self, system: str, statement: str, params: Any = None) -> list[Any]:
+        with connect(self.dsn[system], self.setting[system], autocommit=True) as conn:
+            cur = conn.execute(statement, params)
+            return cur.fetchall() if cur.description else []
 
 
-def _summary(settings: Settings, topics: list[str], seconds: float) -> tuple[Counter[tuple[str, str]], Any]:
-    codec = ChangeEventCodec()
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"demo-{time.time_ns()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe(topics)
-    counts: Counter[tuple[str, str]] = Counter()
-    sample = None
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        for msg in consumer.consume(500, 0.5):
-            if msg.error():
-                continue
-            value, topic = msg.value(), msg.topic() or ""
-            if value is None:
-                continue
-            event = codec.decode(value)
-            counts[(topic, event["op"])] += 1
-            if sample is None and event["op"] == "u" and topic.endswith("oa_form"):
-                sample = event
-    consumer.close()
-    return counts, sample
+def _wait(what: str, predicate: Callable[[], tuple[int, int]], timeout: float, worker: subprocess.Popen[bytes]) -> bool:
+    """Wait until ``predicate`` returns (done, total) with done == total, printing progress."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        done, total = predicate()
+        line = f"\r  … {what}: {done}/{total}"
+        if line != last:
+            click.echo(line, nl=False)
+            last = line
+        if done >= total:
+            click.echo("")
+            return True
+        if worker.poll() is not None:
+            click.echo("")
+            raise click.ClickException(f"the worker exited with code {worker.returncode}")
+        if time.monotonic() > deadline:
+            click.echo("  (timed out)")
+            return False
+        time.sleep(0.3)
 
 
-def run_demo(settings: Settings, topology: Topology, seconds: float) -> None:
+def _percentiles(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    values = sorted(values)
+
+    def pct(p: float) -> float:
+        return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+    return f"p50 {pct(50) * 1000:.0f} ms · p95 {pct(95) * 1000:.0f} ms · p99 {pct(99) * 1000:.0f} ms"
+
+
+def _dead_letters(settings: Settings, topology: Topology) -> int:
+    names = [topology.topics.dead_letter_topic("capture")] + [
+        v for k, v in pipeline_topics(topology).items() if k.startswith("dlq")
+    ]
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "archsync-demo-count"})
+    total = 0
+    try:
+        for name in names:
+            for partition in range(1):
+                try:
+                    low, high = consumer.get_watermark_offsets(TopicPartition(name, partition), timeout=5)
+                    total += high - low
+                except Exception:  # noqa: BLE001 - a topic that does not exist holds none
+                    pass
+    finally:
+        consumer.close()
+    return total
+
+
+def run_demo(settings: Settings, topology: Topology, forms: int, topology_path: str | None = None) -> int:
     if "ARCHSYNC_LOG_LEVEL" not in os.environ:  # keep the demo's screen readable
         logging.getLogger().setLevel(logging.WARNING)
-    click.echo("archsync demo — OA ⇄ accounting archive change capture on the local services")
+    click.echo("archsync demo — OA ⇄ electronic accounting archive, through Kafka, on the local services")
     brokers = check_broker(settings.kafka_bootstrap)
     click.echo(f"  kafka {settings.kafka_bootstrap} ({brokers} broker)")
-    for system in ("oa", "archive"):
-        with connect(settings.dsn_for(system), settings.dsn_setting(system), autocommit=True) as conn:
-            applied = apply_migrations(conn, system)
-            ensure_publication(conn, topology.source(system).publication, topology.source(system).tables)
-        click.echo(f"  {system}: schema ready ({len(applied)} migration(s) applied now)")
-    t = topology.topics
-    topics = [t.change_topic(name, *split_table(q)) for name, s in topology.sources.items() for q in s.tables]
-    ensure_topics(
-        settings.kafka_bootstrap,
-        [TopicSpec(name, t.partitions, t.replication_factor, t.config) for name in topics],
-    )
+    office = Office(settings, topology)
+    for system, source in topology.sources.items():
+        with connect(office.dsn[system], source.dsn_env, autocommit=True) as conn:
+            if system in ("oa", "archive"):
+                apply_migrations(conn, system)
+            ensure_publication(conn, source.publication, source.tables)
+    ensure_pipeline_topics(topology, settings)
+    click.echo("  schemas, publications and topics ready")
+
     services = {name: CaptureService(topology, name, settings) for name in topology.sources}
-    errors: list[BaseException] = []
-
-    def run(svc: CaptureService) -> None:
-        try:
-            svc.run()
-        except BaseException as exc:  # noqa: BLE001 - reported, never swallowed silently
-            errors.append(exc)
-
-    threads = [
-        threading.Thread(target=run, args=(svc,), name=f"capture-{name}", daemon=True) for name, svc in services.items()
-    ]
+    threads = [threading.Thread(target=s.run_forever, daemon=True, name=f"capture-{n}") for n, s in services.items()]
     for th in threads:
         th.start()
-    deadline = time.monotonic() + 60
-    while not all(s.stats.streaming for s in services.values()):
-        if errors:
-            raise errors[0]
-        if time.monotonic() > deadline:
-            raise click.ClickException("the captures did not start streaming within 60 s")
-        time.sleep(0.1)
-    click.echo("  captures streaming: " + ", ".join(f"{n} (slot {topology.source(n).slot})" for n in services))
-    run_tag = time.strftime("%H%M%S")
-    forms = max(5, int(seconds * 2))
-    click.echo(f"  simulating {forms} OA forms (submit, approve/reject) and archive filings …")
-    _activity(settings, run_tag, forms)
-    time.sleep(2)
-    for svc in services.values():
-        svc.stop()
-    for th in threads:
-        th.join(30)
-    counts, sample = _summary(settings, topics, 5)
-    click.echo("\n  events in Kafka (topic, op: count) — r=snapshot c=insert u=update d=delete")
-    for topic in topics:
-        ops = {op: n for (tp, op), n in counts.items() if tp == topic}
-        if ops:
-            click.echo(f"    {topic:44} " + "  ".join(f"{op}:{n}" for op, n in sorted(ops.items())))
-    for name in services:
-        with connect(settings.dsn_for(name), settings.dsn_setting(name), autocommit=True) as conn:
-            slot = list_slots(conn, topology.source(name).slot)
-        if slot:
-            click.echo(f"  slot {slot[0].name}: lag {slot[0].lag_bytes} bytes after the run")
-    if sample is not None:
-        click.echo("\n  a sample oa_form update event:")
-        click.echo("  " + to_json(sample, pretty=True).decode().replace("\n", "\n  "))
-    click.echo("\n  next: the processors (OA → archive filing, archive → OA write-back) come in the processors issue.")
+    cmd = [sys.executable, "-m", "archsync.cli"]
+    if topology_path:
+        cmd += ["--topology", topology_path]
+    log_path = Path(os.environ.get("ARCHSYNC_DEMO_LOG", "/tmp/archsync-demo-worker.log"))
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    worker = subprocess.Popen([*cmd, "worker"], stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not all(s.stats.streaming for s in services.values()):
+            if time.monotonic() > deadline:
+                raise click.ClickException("the captures did not start streaming within 60 s")
+            time.sleep(0.1)
+        from processors.app import READY_LINE
+
+        deadline = time.monotonic() + 120
+        while READY_LINE not in log_path.read_text(errors="replace")[offset:]:
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise click.ClickException(f"the worker did not become ready (see {log_path})")
+            time.sleep(0.2)
+        click.echo(f"  captures streaming ({', '.join(services)}), worker ready (pid {worker.pid}, log {log_path})")
+        return _simulate(office, settings, topology, forms, worker)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        for s in services.values():
+            s.stop()
+        for th in threads:
+            th.join(30)
+
+
+def _simulate(
+    office: Office, settings: Settings, topology: Topology, forms: int, worker: subprocess.Popen[bytes]
+) -> int:
+    rng = random.Random()
+    tag = time.strftime("%m%d%H%M%S")
+    click.echo(f"\n  the OA office: {forms} forms (run {tag})")
+    ids: dict[str, int] = {}
+    for n in range(forms):
+        form_no = f"DEMO-{tag}-{n:03d}"
+        form_type = rng.choice(["EXPENSE", "EXPENSE", "PAYMENT", "CONTRACT"])
+        amount = f"{rng.randint(100, 90000)}.{rng.randint(0, 99):02d}"
+        form_id = office.sql(
+            "oa",
+            "INSERT INTO oa_form (form_no, form_type, status, amount, fonds_code, applicant,"
+            " department, title, fiscal_year, fiscal_month) VALUES (%s, %s, 'SUBMITTED', %s,"
+            " 'F001', %s, 'Finance', %s, 2026, 11) RETURNING id",
+            (form_no, form_type, amount, rng.choice(["王芳", "李雷", "Chen Jing"]), f"{form_type.title()} {n}"),
+        )[0][0]
+        ids[form_no] = form_id
+        for k in range(rng.randint(1, 2)):
+            content = f"{form_no} attachment {k}".encode()
+            office.sql(
+                "oa",
+                "INSERT INTO oa_attachment (form_id, kind, file_name, size_bytes, sha256) VALUES"
+                " (%s, 'EINVOICE_XML', %s, %s, %s)",
+                (form_id, f"invoice-{k}.xml", len(content), hashlib.sha256(content).hexdigest()),
+            )
+        office.sql(
+            "oa",
+            "INSERT INTO oa_approval_record (form_id, approver, node, action) VALUES"
+            " (%s, 'applicant', 'start', 'SUBMIT')",
+            (form_id,),
+        )
+    decisions = {no: rng.choices(["APPROVED", "REJECTED", "WITHDRAWN"], [75, 15, 10])[0] for no in ids}
+    approved = [no for no, d in decisions.items() if d == "APPROVED"] or [next(iter(ids))]
+    decisions[approved[0]] = "APPROVED"
+    for no, decision in decisions.items():
+        action = {"APPROVED": "APPROVE", "REJECTED": "REJECT", "WITHDRAWN": "RETURN"}[decision]
+        office.sql(
+            "oa",
+            "INSERT INTO oa_approval_record (form_id, approver, node, action) VALUES"
+            " (%s, 'manager', 'finance-review', %s)",
+            (ids[no], action),
+        )
+        office.sql(
+            "oa",
+            "UPDATE oa_form SET status = %s, approved_at = CASE WHEN %s THEN now() END WHERE id = %s",
+            (decision, decision == "APPROVED", ids[no]),
+        )
+    click.echo(
+        f"  decisions: {len(approved)} approved, "
+        f"{sum(d == 'REJECTED' for d in decisions.values())} rejected, "
+        f"{sum(d == 'WITHDRAWN' for d in decisions.values())} withdrawn"
+    )
+
+    def items() -> dict[str, tuple[int, str, str]]:
+        rows = office.sql(
+            "archive",
+            "SELECT source_ref, id, archive_code, status FROM arc_item"
+            " WHERE source_system = 'oa' AND source_ref LIKE %s",
+            (f"DEMO-{tag}-%",),
+        )
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    ok = _wait("approved forms archived", lambda: (len(items()), len(approved)), 120, worker)
+    archived = items()
+    to_file = [no for no in approved if no in archived]
+    failed_check = to_file[-1] if len(to_file) > 2 else None
+    click.echo("\n  the archive clerks: checking and filing")
+    for no in to_file:
+        if no == failed_check:
+            office.sql(
+                "archive",
+                "UPDATE arc_item SET status = 'CHECK_FAILED', fault_code = 'E_SIGNATURE' WHERE id = %s",
+                (archived[no][0],),
+            )
+        else:
+            office.sql(
+                "archive", "UPDATE arc_item SET status = 'FILED', filed_at = now() WHERE id = %s", (archived[no][0],)
+            )
+    filed = [no for no in to_file if no != failed_check]
+
+    def written_back() -> tuple[int, int]:
+        rows = office.sql(
+            "oa", "SELECT form_no, archive_code, archive_status FROM oa_form WHERE form_no LIKE %s", (f"DEMO-{tag}-%",)
+        )
+        state = {r[0]: (r[1], r[2]) for r in rows}
+        current = items()
+        done = sum(1 for no in to_file if state.get(no) == (current[no][1], current[no][2]))
+        return done, len(to_file)
+
+    ok &= _wait("archival codes and status written back to OA", written_back, 120, worker)
+    revoked = filed[0] if filed else None
+    if revoked:
+        office.sql(
+            "oa",
+            "INSERT INTO oa_approval_record (form_id, approver, node, action, comment) VALUES"
+            " (%s, 'auditor', 'finance-review', 'REVOKE', 'duplicate invoice')",
+            (ids[revoked],),
+        )
+        ok &= _wait(
+            "revocation recorded as a correcting business event",
+            lambda: (
+                len(
+                    office.sql(
+                        "archive",
+                        "SELECT 1 FROM arc_business_event WHERE item_id = %s AND event_type = 'CORRECTION'",
+                        (archived[revoked][0],),
+                    )
+                ),
+                1,
+            ),
+            60,
+            worker,
+        )
+    borrows = []
+    for no in filed[1:3]:
+        borrows.append(
+            office.sql(
+                "archive",
+                "INSERT INTO arc_borrow_request (item_id, requester, purpose) VALUES"
+                " (%s, 'external auditor', 'annual audit') RETURNING id",
+                (archived[no][0],),
+            )[0][0]
+        )
+
+    def tasks() -> dict[int, tuple[int, str]]:
+        rows = office.sql(
+            "oa", "SELECT ref_id, id, status FROM oa_task WHERE ref_id = ANY(%s)", ([f"borrow:{b}" for b in borrows],)
+        )
+        return {int(r[0].split(":")[1]): (r[1], r[2]) for r in rows}
+
+    if borrows:
+        ok &= _wait(
+            "borrowing requests in the OA approvers' to-do lists", lambda: (len(tasks()), len(borrows)), 60, worker
+        )
+        for n, (task_id, _) in enumerate(tasks().values()):
+            office.sql(
+                "oa",
+                "UPDATE oa_task SET status = %s, decided_by = 'archive manager', decided_at = now() WHERE id = %s",
+                ("APPROVED" if n == 0 else "REJECTED", task_id),
+            )
+
+        def decided() -> tuple[int, int]:
+            rows = office.sql(
+                "archive",
+                "SELECT count(*) FROM arc_borrow_request WHERE id = ANY(%s) AND status IN ('APPROVED', 'REJECTED')",
+                (borrows,),
+            )
+            return rows[0][0], len(borrows)
+
+        ok &= _wait("OA decisions back on the borrowing requests", decided, 60, worker)
+
+    cancelled = [no for no, d in decisions.items() if d != "APPROVED"]
+    agree = ok and all(no not in items() or items()[no][2] == "CANCELLED" for no in cancelled)
+    latency = [
+        r[0]
+        for r in office.sql(
+            "archive",
+            "SELECT extract(epoch FROM created_at) FROM arc_item WHERE source_ref LIKE %s ORDER BY source_ref",
+            (f"DEMO-{tag}-%",),
+        )
+    ]
+    approved_at = [
+        r[0]
+        for r in office.sql(
+            "oa",
+            "SELECT extract(epoch FROM approved_at) FROM oa_form WHERE form_no = ANY(%s) ORDER BY form_no",
+            (sorted(archived),),
+        )
+    ]
+    e2e = [float(a) - float(b) for a, b in zip(latency, approved_at, strict=False)]
+    dead = _dead_letters(settings, topology)
+    click.echo("\n  summary")
+    click.echo(f"    forms approved             {len(approved)} of {forms}")
+    click.echo(f"    archive items created      {len(archived)}")
+    click.echo(
+        f"    items filed                {len(filed)} (+1 check failed)"
+        if failed_check
+        else f"    items filed                {len(filed)}"
+    )
+    click.echo(f"    codes written back to OA   {written_back()[0]}")
+    click.echo(f"    borrowing round trips      {len(borrows)}")
+    click.echo(f"    dead letters (all runs)    {dead}")
+    click.echo(f"    OA approval → archive item {_percentiles(e2e)}")
+    click.echo(f"    both databases agree       {'yes' if agree else 'NO'}")
+    return 0 if agree else 1

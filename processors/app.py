@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -86,6 +87,16 @@ def dead_letter(stage: str, reason: str, original: bytes | None, **fields: Any) 
     )
 
 
+READY_LINE = "archsync worker ready: partitions assigned, state recovered"
+
+
+class ReadySensor(faust.Sensor):
+    """Says on stderr when a rebalance ended (partitions assigned, tables recovered)."""
+
+    def on_rebalance_end(self, app: faust.App, state: dict[str, Any]) -> None:  # type: ignore[override]
+        print(READY_LINE, file=sys.stderr, flush=True)
+
+
 def create_app(
     topology: Topology, settings: Settings, *, app_id: str | None = None, batch_size: int = 500
 ) -> faust.App:
@@ -109,6 +120,8 @@ def create_app(
         broker_commit_every=1000,
         broker_commit_interval=1.0,
     )
+
+    app.sensors.add(ReadySensor())
 
     def raw_topic(*topic_names: str, **kw: Any) -> faust.TopicT:
         return app.topic(*topic_names, key_serializer="raw", value_serializer="raw", **kw)

@@ -41,8 +41,10 @@ RETENTION: dict[str, str] = {
 
 RETENTION_CODE = re.compile(r"^(Y[0-9]{1,3}|PERMANENT)$")
 CODE_PART = re.compile(r"^[A-Za-z0-9_]+$")
-ARCHIVE_CODE = re.compile(r"^(?:(?P<fonds>[A-Za-z0-9_]+)-)?(?P<klass>[A-Za-z0-9_]+(?:·[A-Za-z0-9_]+)*)"
-                          r"-(?P<volume>[0-9]{4})-(?P<item>[0-9]{4})$")
+ARCHIVE_CODE = re.compile(
+    r"^(?:(?P<fonds>[A-Za-z0-9_]+)-)?(?P<klass>[A-Za-z0-9_]+(?:·[A-Za-z0-9_]+)*)"
+    r"-(?P<volume>[0-9]{4})-(?P<item>[0-9]{4})$"
+)
 
 
 class DomainError(ValueError):

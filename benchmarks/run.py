@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from benchmarks import bench_capture
+from benchmarks import bench_capture, bench_pipeline
 
 
 def main() -> None:
     bench_capture.main()
+    bench_pipeline.main()
 
 
 if __name__ == "__main__":

@@ -202,27 +202,22 @@ def create_app(
                 aggregates[key] = state
                 continue
             aggregates[key] = state
-            sends = []
             for cmd in result.commands:
                 metrics.TRANSFORMED.labels(cmd.flow).inc()
-                sends.append(
-                    await apply_topics[cmd.target_system].send(key=cmd.aggregate_key.encode(), value=cmd.to_json())
-                )
+                await apply_topics[cmd.target_system].send(key=cmd.aggregate_key.encode(), value=cmd.to_json())
             for conflict in result.conflicts:
                 metrics.CONFLICTS.labels(conflict.table, conflict.decision).inc()
-                sends.append(await conflicts.send(key=conflict.table.encode(), value=conflict.to_json()))
+                await conflicts.send(key=conflict.table.encode(), value=conflict.to_json())
             for reason, rejected in result.rejected:
                 metrics.DEAD_LETTERS.labels("transform", "rejected").inc()
-                sends.append(
-                    await dlq_transform.send(
-                        key=event.key,
-                        value=dead_letter(
-                            "transform", reason, rejected.to_json(), topic=names["changes"], event_id=rejected.event_id
-                        ),
-                    )
+                await dlq_transform.send(
+                    key=event.key,
+                    value=dead_letter(
+                        "transform", reason, rejected.to_json(), topic=names["changes"], event_id=rejected.event_id
+                    ),
                 )
-            if sends:
-                await asyncio.gather(*sends)  # acknowledged before this change's offset is committed
+            # no wait for the acks here: Faust flushes the producer before it commits offsets, so a
+            # change's offset is committed only after its commands are in Kafka (at least once)
             metrics.TRANSFORM_LATENCY.observe(time.perf_counter() - started)
 
     for system in topology.sources:
@@ -282,22 +277,17 @@ def _register_applier(
                 n = getattr(result, outcome, 0)
                 if n:
                     metrics.APPLIED.labels(system, outcome).inc(n)
-            sends = []
             for conflict in result.conflicts:
                 metrics.CONFLICTS.labels(conflict.table, conflict.decision).inc()
-                sends.append(await conflicts.send(key=conflict.table.encode(), value=conflict.to_json()))
+                await conflicts.send(key=conflict.table.encode(), value=conflict.to_json())
             for cmd, reason in result.failed:
                 metrics.DEAD_LETTERS.labels("apply", "failed").inc()
-                sends.append(
-                    await dlq_apply.send(
-                        key=cmd.aggregate_key.encode(),
-                        value=dead_letter(
-                            "apply", reason, cmd.to_json(), topic=topic.get_topic_name(), command_id=cmd.command_id
-                        ),
-                    )
+                await dlq_apply.send(
+                    key=cmd.aggregate_key.encode(),
+                    value=dead_letter(
+                        "apply", reason, cmd.to_json(), topic=topic.get_topic_name(), command_id=cmd.command_id
+                    ),
                 )
-            if sends:
-                await asyncio.gather(*sends)
 
     app.agent(topic, name=f"apply_{system}")(apply_agent)
 

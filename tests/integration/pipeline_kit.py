@@ -34,6 +34,7 @@ def topology_yaml_for_test(unique: str, base: Path | None = None) -> str:
         source["slot"] = f"{name}_{unique}"
         source["publication"] = f"{name}_{unique}"
         source["heartbeat_seconds"] = 2
+        source["snapshot"] = "never"  # start from now: rows of earlier runs are not re-emitted
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 

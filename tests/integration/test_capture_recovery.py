@@ -277,7 +277,7 @@ def test_lost_broker_holds_the_slot_then_delivers(workload_source: SourceFixture
             os.kill(pid, signal.SIGCONT)
         events = consume(src.settings, [src.topic(t)], lambda ev: {1, 2} <= {e["after"]["id"] for e in ev}, timeout=60)
         wait_for(lambda: confirmed_lsn(src) >= written, 30, "the slot to advance after the outage")
-    assert [e["after"]["id"] for e in events] == [1, 2]
+    assert sorted(e["after"]["id"] for e in events) == [1, 2]  # two partitions: no global order
 
 
 def test_restart_mid_snapshot_ends_consistent(

@@ -302,3 +302,50 @@ def test_second_schema_syncs_with_yaml_only(
         assert back[0][0] == item[0][1]
     finally:
         p.cleanup()
+
+
+def test_failed_apply_is_dead_lettered_and_replayed_after_a_fix(pipeline: Pipeline, unique: str) -> None:
+    import subprocess
+
+    p = pipeline
+    poison = f"poison-{unique}"
+    p.sql(
+        "archive",
+        f"ALTER TABLE arc_item ADD CONSTRAINT no_{unique} CHECK (title IS DISTINCT FROM '{poison}') NOT VALID",
+    )
+    try:
+        form_id = new_form(p, f"P-{unique}", f"P{unique[:5]}", attachments=1)
+        p.sql("oa", "UPDATE oa_form SET title = %s WHERE id = %s", (poison, form_id))
+        approve(p, form_id)
+        ok = new_form(p, f"Q-{unique}", f"P{unique[:5]}", attachments=0)
+        approve(p, ok)
+        p.wait_for(lambda: item_of(p, f"Q-{unique}"), 60, "the healthy form's item (the stream went on)")
+        assert item_of(p, f"P-{unique}") is None
+        cli = [str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "archsync"), "--topology", str(p.file)]
+        listing = p.wait_for(
+            lambda: (
+                (
+                    r := subprocess.run(
+                        [*cli, "dlq", "list", "--stage", "apply"], capture_output=True, text=True, env=p.env, timeout=60
+                    )
+                )
+                and "no_" in r.stdout
+                and r.stdout
+            ),
+            60,
+            "the dead letter",
+        )
+        assert f"no_{unique}" in listing
+    finally:
+        p.sql("archive", f"ALTER TABLE arc_item DROP CONSTRAINT no_{unique}")
+    replay = subprocess.run(
+        [*cli, "dlq", "replay", "--stage", "apply"], capture_output=True, text=True, env=p.env, timeout=120
+    )
+    assert replay.returncode == 0, replay.stderr
+    assert "re-driven" in replay.stdout
+    item = p.wait_for(lambda: item_of(p, f"P-{unique}"), 60, "the replayed item")
+    assert p.wait_for(
+        lambda: p.sql("archive", "SELECT count(*) FROM arc_file WHERE item_id = %s", (item["id"],))[0][0] == 1,
+        30,
+        "its file",
+    )

@@ -349,3 +349,50 @@ def test_failed_apply_is_dead_lettered_and_replayed_after_a_fix(pipeline: Pipeli
         30,
         "its file",
     )
+
+
+def test_two_workers_share_the_work_and_survive_one_killed(pipeline: Pipeline, unique: str) -> None:
+    import subprocess
+    import time
+
+    p = pipeline
+    first = p.worker
+    p.start_worker()  # a second worker in the same group: the partitions are shared
+    second = p.worker
+    assert first is not None and second is not None
+    fonds = f"S{unique[:5]}"
+    forms = [new_form(p, f"S-{unique}-{n:02d}", fonds, attachments=1) for n in range(20)]
+    try:
+        for n, form_id in enumerate(forms):
+            approve(p, form_id)
+            if n == 10:
+                first.send_signal(9)  # one worker dies mid-run; the other takes its partitions
+                first.wait(30)
+                time.sleep(0.2)
+        p.wait_for(lambda: len(archive_fingerprint(p, fonds)) == 20, 180, "all 20 items with one worker left")
+        numbers = sorted(r[0] for r in p.sql("archive", "SELECT item_no FROM arc_item WHERE fonds_code = %s", (fonds,)))
+        assert numbers == list(range(1, 21))
+        files = p.sql(
+            "archive",
+            "SELECT count(*) FROM arc_file f JOIN arc_item i ON i.id = f.item_id WHERE i.fonds_code = %s",
+            (fonds,),
+        )[0][0]
+        assert (
+            p.wait_for(
+                lambda: (
+                    p.sql(
+                        "archive",
+                        "SELECT count(*) FROM arc_file f JOIN arc_item i ON i.id = f.item_id WHERE i.fonds_code = %s",
+                        (fonds,),
+                    )[0][0]
+                    == 20
+                ),
+                60,
+                "all 20 files",
+            )
+            and files <= 20
+        )
+    finally:
+        if first.poll() is None:
+            first.kill()
+        assert isinstance(second, subprocess.Popen)

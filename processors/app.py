@@ -102,7 +102,7 @@ def create_app(
 ) -> faust.App:
     """Build the Faust app for a topology (agents registered, not started)."""
     from connectors.applier import Applier
-    from processors.transform import aggregate_key_of, apply_change, new_state, transform
+    from processors.transform import AggregateState, aggregate_key_of, apply_change, new_state, transform
 
     names = pipeline_topics(topology)
     partitions = topology.topics.partitions
@@ -179,9 +179,10 @@ def create_app(
             key = event.key.decode()
             change = Change.from_json(event.value)
             started = time.perf_counter()
-            state = aggregates.get(key)
-            if state is None:
-                state = new_state()
+            # the table holds plain JSON (what its changelog carries), so a state restored from
+            # Kafka after a restart or rebalance is the same as one kept in memory
+            stored = aggregates.get(key)
+            state = AggregateState.from_dict(stored) if stored else new_state()
             if not apply_change(state, change):
                 metrics.DEDUPE_HITS.labels("position").inc()
                 continue
@@ -199,9 +200,9 @@ def create_app(
                         event_id=change.event_id,
                     ),
                 )
-                aggregates[key] = state
+                aggregates[key] = state.to_dict()
                 continue
-            aggregates[key] = state
+            aggregates[key] = state.to_dict()
             for cmd in result.commands:
                 metrics.TRANSFORMED.labels(cmd.flow).inc()
                 await apply_topics[cmd.target_system].send(key=cmd.aggregate_key.encode(), value=cmd.to_json())

@@ -357,8 +357,12 @@ def test_two_workers_share_the_work_and_survive_one_killed(pipeline: Pipeline, u
 
     p = pipeline
     first = p.worker
+    from processors.app import READY_LINE
+
+    p.wait_for(lambda: p.log.read_text(errors="replace").count(READY_LINE) >= 1, 120, "the first worker ready")
     p.start_worker()  # a second worker in the same group: the partitions are shared
     second = p.worker
+    p.wait_for(lambda: p.log.read_text(errors="replace").count(READY_LINE) >= 3, 120, "the rebalance to both")
     assert first is not None and second is not None
     fonds = f"S{unique[:5]}"
     forms = [new_form(p, f"S-{unique}-{n:02d}", fonds, attachments=1) for n in range(20)]
@@ -366,6 +370,7 @@ def test_two_workers_share_the_work_and_survive_one_killed(pipeline: Pipeline, u
         for n, form_id in enumerate(forms):
             approve(p, form_id)
             if n == 10:
+                p.wait_for(lambda: len(archive_fingerprint(p, fonds)) == 11, 60, "the first items, both workers up")
                 first.send_signal(9)  # one worker dies mid-run; the other takes its partitions
                 first.wait(30)
                 time.sleep(0.2)
@@ -396,3 +401,5 @@ def test_two_workers_share_the_work_and_survive_one_killed(pipeline: Pipeline, u
         if first.poll() is None:
             first.kill()
         assert isinstance(second, subprocess.Popen)
+    # both appliers were active at once: the second used its own numbered replication origin
+    assert p.sql("archive", "SELECT 1 FROM pg_replication_origin WHERE roname = 'archsync_apply_archive_2'")

@@ -532,14 +532,7 @@ class Applier:
             row = {**match, **write}
             for col, value in init.items():
                 row.update(self._init_value(table, col, value))
-            self.conn.execute(
-                sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-                    table.ident,
-                    sql.SQL(", ").join(sql.Identifier(c) for c in row),
-                    sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(table.type_of(c))) for c in row),
-                ),
-                list(row.values()),
-            )
+            self._insert(table, row)
             out.rows_affected += 1
 
     def _insert_once(self, cmd: ApplyCommand, table: TargetTable, out: ApplyResult) -> None:
@@ -590,6 +583,13 @@ class Applier:
                 row[col] = self._param(value, table, col)
         if not row:
             raise CommandError("insert_once with neither match nor values")
+        self._insert(table, row)
+        out.rows_affected += 1
+        out.applied += 1
+
+    # ------------------------------------------------------------------------------ helpers
+    def _insert(self, table: TargetTable, row: Mapping[str, Any]) -> None:
+        """INSERT one row, each value cast to its column's type."""
         self.conn.execute(
             sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
                 table.ident,
@@ -598,10 +598,7 @@ class Applier:
             ),
             list(row.values()),
         )
-        out.rows_affected += 1
-        out.applied += 1
 
-    # ------------------------------------------------------------------------------ helpers
 
     def _table(self, name: str) -> TargetTable:
         table = self._tables.get(name)

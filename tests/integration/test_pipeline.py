@@ -185,6 +185,16 @@ def archive_fingerprint(p: Pipeline, fonds: str) -> list:
     )
 
 
+def file_count(p: Pipeline, fonds: str) -> int:
+    return int(
+        p.sql(
+            "archive",
+            "SELECT count(*) FROM arc_file f JOIN arc_item i ON i.id = f.item_id WHERE i.fonds_code = %s",
+            (fonds,),
+        )[0][0]
+    )
+
+
 def test_worker_killed_mid_run_and_apply_topic_replayed_change_nothing(pipeline: Pipeline, unique: str) -> None:
     import time
 
@@ -203,14 +213,7 @@ def test_worker_killed_mid_run_and_apply_topic_replayed_change_nothing(pipeline:
             p.start_worker()
     p.wait_for(lambda: len(archive_fingerprint(p, fonds)) == 30, 120, "all 30 items")
     p.wait_for(
-        lambda: (
-            p.sql(
-                "archive",
-                "SELECT count(*) FROM arc_file f JOIN arc_item i ON i.id = f.item_id WHERE i.fonds_code = %s",
-                (fonds,),
-            )[0][0]
-            == 30
-        ),
+        lambda: file_count(p, fonds) == 30,
         60,
         "all 30 files",
     )
@@ -380,21 +383,10 @@ def test_two_workers_share_the_work_and_survive_one_leaving(pipeline: Pipeline, 
         p.wait_for(lambda: len(archive_fingerprint(p, fonds)) == 20, 180, "all 20 items with one worker left")
         numbers = sorted(r[0] for r in p.sql("archive", "SELECT item_no FROM arc_item WHERE fonds_code = %s", (fonds,)))
         assert numbers == list(range(1, 21))
-        files = p.sql(
-            "archive",
-            "SELECT count(*) FROM arc_file f JOIN arc_item i ON i.id = f.item_id WHERE i.fonds_code = %s",
-            (fonds,),
-        )[0][0]
+        files = file_count(p, fonds)
         assert (
             p.wait_for(
-                lambda: (
-                    p.sql(
-                        "archive",
-                        "SELECT count(*) FROM arc_file f JOIN arc_item i ON i.id = f.item_id WHERE i.fonds_code = %s",
-                        (fonds,),
-                    )[0][0]
-                    == 20
-                ),
+                lambda: file_count(p, fonds) == 20,
                 60,
                 "all 20 files",
             )

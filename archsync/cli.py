@@ -11,6 +11,7 @@ import click
 from archsync.errors import ArchsyncError
 from archsync.logs import configure_logging
 from archsync.settings import ENV_KAFKA_BOOTSTRAP, Settings, load_settings
+from archsync.status import status_command
 
 log = logging.getLogger("archsync.cli")
 
@@ -183,12 +184,14 @@ def capture(ctx: Context, source_name: str, metrics_port: int | None) -> None:
     import signal
 
     from archsync.metrics import serve_metrics
+    from archsync.observability import start_capture_observer
     from connectors.capture import CaptureService
 
     topology = ctx.topology()
     service = CaptureService(topology, source_name, ctx.settings)
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     serve_metrics(metrics_port if metrics_port is not None else ctx.settings.metrics_port)
+    start_capture_observer(service)
     try:
         service.run_forever()
     except KeyboardInterrupt:
@@ -202,9 +205,11 @@ def capture(ctx: Context, source_name: str, metrics_port: int | None) -> None:
 def worker(ctx: Context, metrics_port: int | None, loglevel: str) -> None:
     """Run the processors (normalise, deduplicate, transform, apply) until stopped."""
     from archsync.metrics import serve_metrics
+    from archsync.observability import start_worker_observer
     from processors.app import run_worker
 
     serve_metrics(metrics_port if metrics_port is not None else ctx.settings.metrics_port)
+    start_worker_observer(ctx.topology(), ctx.settings)
     run_worker(ctx.topology(), ctx.settings, loglevel)
 
 
@@ -312,6 +317,9 @@ def slots_drop(ctx: Context, source_name: str, yes: bool) -> None:
         forget_snapshots(conn, source.slot)
     click.echo(f"slot {source.slot}: {'dropped' if dropped else 'did not exist'}")
     log.info("slot dropped", extra={"source": source_name, "slot": source.slot, "admin_action": True})
+
+
+cli.add_command(status_command)
 
 
 def main(argv: list[str] | None = None) -> None:

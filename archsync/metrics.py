@@ -74,6 +74,32 @@ END_TO_END = Histogram(
 CONFLICTS = Counter("archsync_conflicts_total", "Conflicts recorded", ["table", "decision"])
 
 
+# -- process health and lag (archsync/observability.py keeps them current) --------------
+PROCESS_UP = Gauge("archsync_process_up", "1 while this archsync process runs", ["role"])
+PROCESS_START = Gauge("archsync_process_start_time_seconds", "Unix time this archsync process started", ["role"])
+LAST_PROGRESS = Gauge(
+    "archsync_last_progress_timestamp_seconds",
+    "Unix time of the process's last progress (capture: a confirmed position or heartbeat; "
+    "worker: committed offsets moved, or nothing left to consume)",
+    ["role"],
+)
+CONSUMER_LAG = Gauge(
+    "archsync_consumer_lag",
+    "Messages of a partition not yet committed by the consumer group (high watermark - committed offset)",
+    ["group", "topic", "partition"],
+)
+DLQ_MESSAGES = Gauge(
+    "archsync_dlq_messages", "Dead letters in a stage's dead-letter topic not re-driven yet", ["stage"]
+)
+LAG_POLL_ERRORS = Counter("archsync_lag_poll_errors_total", "Failed polls of the consumer lag and DLQ sizes")
+FLOW_LATENCY = Histogram(
+    "archsync_flow_latency_seconds",
+    "Source commit to target commit, per flow",
+    ["flow", "target"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
 def serve_metrics(port: int) -> None:
     """Serve /metrics on ``port`` (0: do not serve)."""
     if port:

@@ -26,6 +26,7 @@ import faust
 import orjson
 
 from archsync import metrics
+from archsync.observability import observe_flow_latency
 from archsync.settings import Settings
 from connectors.kafka_admin import TopicSpec, ensure_topics
 from processors.model import ApplyCommand, Change
@@ -274,6 +275,7 @@ def _register_applier(
             for cmd in commands:
                 if cmd.source_commit_ts_ms:
                     metrics.END_TO_END.labels(system).observe(max(0.0, (now_ms - cmd.source_commit_ts_ms) / 1000))
+            observe_flow_latency(system, commands)
             for outcome in ("applied", "skipped_replay", "skipped_older"):
                 n = getattr(result, outcome, 0)
                 if n:

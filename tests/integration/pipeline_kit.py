@@ -41,8 +41,11 @@ def topology_yaml_for_test(unique: str, base: Path | None = None) -> str:
 class Pipeline:
     """Captures in threads of the test process, the worker as a child process (so it can be killed)."""
 
-    def __init__(self, settings: Settings, unique: str, tmp_path: Path, base: Path | None = None) -> None:
+    def __init__(
+        self, settings: Settings, unique: str, tmp_path: Path, base: Path | None = None, metrics_port: int = 0
+    ) -> None:
         self.settings = settings
+        self.metrics_port = metrics_port  # the worker's /metrics (0: not served)
         self.unique = unique
         self.text = topology_yaml_for_test(unique, base)
         self.file = tmp_path / "topology.yaml"
@@ -70,7 +73,11 @@ class Pipeline:
     def start_worker(self) -> None:
         handle = self.log.open("ab")
         self.worker = subprocess.Popen(
-            [str(REPO / ".venv" / "bin" / "archsync"), "--topology", str(self.file), "worker", "--loglevel", "info"],
+            [
+                str(REPO / ".venv" / "bin" / "archsync"),
+                *("--topology", str(self.file), "worker", "--loglevel", "info"),
+                *(("--metrics-port", str(self.metrics_port)) if self.metrics_port else ()),
+            ],
             stdout=handle,
             stderr=handle,
             env=self.env,

@@ -10,7 +10,7 @@ ARCHSYNC := $(VENV)/bin/archsync
 help:
 	@echo "make demo           run the local demo on the embedded default services"
 	@echo "make test           run the whole test suite (starts the services it needs)"
-	@echo "make services       install (when missing) and start PostgreSQL x2 and Kafka (idempotent)"
+	@echo "make services       install (when missing) and start PostgreSQL x2, Kafka, Prometheus (idempotent)"
 	@echo "make services-down  stop them"
 	@echo "make lint           ruff + mypy"
 	@echo "make bench          run the benchmarks, results in benchmarks/results/"

@@ -3,7 +3,10 @@
 #   - two PostgreSQL 15 clusters from Debian's packages (OA on :5433, archive on :5434),
 #     wal_level=logical, role `archsync` (LOGIN REPLICATION) owning databases `oa` / `archive`;
 #   - Apache Kafka 3.9 in KRaft mode (combined broker+controller) on :9092, assembled by Maven
-#     from Maven Central artifacts and run with `java`.
+#     from Maven Central artifacts and run with `java`;
+#   - Prometheus from Debian's packages on :9090 (its own config and data under
+#     $STATE_DIR/prometheus, not the Debian service), scraping the archsync processes listed in
+#     $STATE_DIR/prometheus/targets/*.json and evaluating deploy/prometheus/alerts.yml.
 # Usage: scripts/services.sh up|down|status. `up` is idempotent and fails loudly with the log
 # tail when a service does not answer.
 set -euo pipefail
@@ -19,6 +22,9 @@ KAFKA_PORT=${ARCHSYNC_KAFKA_PORT:-9092}
 KAFKA_CONTROLLER_PORT=${ARCHSYNC_KAFKA_CONTROLLER_PORT:-9093}
 OA_PORT=${ARCHSYNC_OA_PORT:-5433}
 ARCHIVE_PORT=${ARCHSYNC_ARCHIVE_PORT:-5434}
+PROM_PORT=${ARCHSYNC_PROMETHEUS_PORT:-9090}
+PROM_DIR=$STATE_DIR/prometheus
+REPO_DIR=$(cd "$HERE/.." && pwd)
 PG_USER=archsync
 PG_PASSWORD=${ARCHSYNC_PG_PASSWORD:-archsync}
 
@@ -41,6 +47,7 @@ ensure_packages() {
   command -v pg_createcluster >/dev/null || apt_install postgresql-common
   command -v java >/dev/null || apt_install openjdk-17-jre-headless
   command -v mvn >/dev/null || apt_install maven
+  command -v prometheus >/dev/null || apt_install prometheus
 }
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -213,16 +220,84 @@ kafka_down() {
   rm -f "$KAFKA_DIR/kafka.pid"
 }
 
+# ---------------------------------------------------------------- Prometheus
+prom_pid() { [ -f "$PROM_DIR/prometheus.pid" ] && cat "$PROM_DIR/prometheus.pid" || true; }
+prom_alive() { local p; p=$(prom_pid); [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+
+prometheus_up() {
+  mkdir -p "$PROM_DIR/targets" "$PROM_DIR/data"
+  # the archsync processes to scrape: edit this file (or add more *.json files) to change ports;
+  # defaults: capture --source oa on 9401, capture --source archive on 9402, worker on 9403
+  [ -f "$PROM_DIR/targets/local.json" ] || cat > "$PROM_DIR/targets/local.json" <<'JSON'
+[
+  {"targets": ["127.0.0.1:9401"], "labels": {"component": "capture", "source": "oa"}},
+  {"targets": ["127.0.0.1:9402"], "labels": {"component": "capture", "source": "archive"}},
+  {"targets": ["127.0.0.1:9403"], "labels": {"component": "worker"}}
+]
+JSON
+  cat > "$PROM_DIR/prometheus.yml" <<YAML
+# written by archsync scripts/services.sh
+global:
+  scrape_interval: 5s
+  evaluation_interval: 5s
+rule_files:
+  - $REPO_DIR/deploy/prometheus/alerts.yml
+scrape_configs:
+  - job_name: archsync
+    file_sd_configs:
+      - files: ['$PROM_DIR/targets/*.json']
+        refresh_interval: 5s
+  - job_name: prometheus
+    static_configs:
+      - targets: ['127.0.0.1:$PROM_PORT']
+YAML
+  promtool check config "$PROM_DIR/prometheus.yml" >"$PROM_DIR/check.log" 2>&1 \
+    || { cat "$PROM_DIR/check.log" >&2; die "Prometheus configuration or alert rules do not load"; }
+  if prom_alive && port_open "$PROM_PORT"; then
+    kill -HUP "$(prom_pid)"  # reload the configuration and the alert rules
+    log "Prometheus already running (pid $(prom_pid)), configuration reloaded"; return
+  fi
+  port_open "$PROM_PORT" && die "port $PROM_PORT is taken by a process that is not this Prometheus; set ARCHSYNC_PROMETHEUS_PORT"
+  log "starting Prometheus on 127.0.0.1:$PROM_PORT"
+  nohup setsid prometheus --config.file="$PROM_DIR/prometheus.yml" --storage.tsdb.path="$PROM_DIR/data" \
+    --storage.tsdb.retention.time=2d --web.listen-address="127.0.0.1:$PROM_PORT" --web.enable-lifecycle \
+    >>"$PROM_DIR/prometheus.log" 2>&1 </dev/null &
+  echo $! > "$PROM_DIR/prometheus.pid"
+  local i
+  for i in $(seq 1 60); do
+    prom_alive || { tail -n 30 "$PROM_DIR/prometheus.log" >&2; die "Prometheus exited during start (log tail above)"; }
+    if curl -sf "http://127.0.0.1:$PROM_PORT/-/ready" >/dev/null 2>&1; then
+      log "Prometheus ready on http://127.0.0.1:$PROM_PORT (pid $(prom_pid))"; return
+    fi
+    sleep 0.5
+  done
+  tail -n 30 "$PROM_DIR/prometheus.log" >&2
+  die "Prometheus did not answer on 127.0.0.1:$PROM_PORT within 30 s (log tail above)"
+}
+
+prometheus_down() {
+  if prom_alive; then
+    local p; p=$(prom_pid)
+    log "stopping Prometheus (pid $p)"
+    kill "$p" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$p" 2>/dev/null || break; sleep 0.5; done
+    kill -9 "$p" 2>/dev/null || true
+  fi
+  rm -f "$PROM_DIR/prometheus.pid"
+}
+
 case "${1:-up}" in
-  up) # up [postgres|kafka]: both by default
+  up) # up [postgres|kafka|prometheus]: all by default
     ensure_packages
-    if [ "${2:-all}" != kafka ]; then
+    if [ "${2:-all}" = all ] || [ "${2:-all}" = postgres ]; then
       pg_cluster_up archsync_oa "$OA_PORT" oa
       pg_cluster_up archsync_archive "$ARCHIVE_PORT" archive
     fi
-    [ "${2:-all}" = postgres ] || kafka_up
+    if [ "${2:-all}" = all ] || [ "${2:-all}" = kafka ]; then kafka_up; fi
+    if [ "${2:-all}" = all ] || [ "${2:-all}" = prometheus ]; then prometheus_up; fi
     ;;
   down)
+    prometheus_down
     kafka_down
     pg_cluster_down archsync_oa
     pg_cluster_down archsync_archive
@@ -232,11 +307,12 @@ case "${1:-up}" in
     for c in archsync_oa archsync_archive; do
       pg_lsclusters -h | awk '{print $2}' | grep -qx $c && as_root pg_dropcluster "$PG_VERSION" $c || true
     done
-    rm -rf "$KAFKA_DIR"
+    rm -rf "$KAFKA_DIR" "$PROM_DIR/data"
     ;;
   status)
     pg_lsclusters | grep -E 'archsync_|Ver' || true
     if kafka_alive; then echo "kafka running pid $(kafka_pid) port $KAFKA_PORT"; else echo "kafka down"; fi
+    if prom_alive; then echo "prometheus running pid $(prom_pid) port $PROM_PORT"; else echo "prometheus down"; fi
     ;;
   *) die "usage: $0 up|down|reset|status" ;;
 esac

@@ -214,7 +214,8 @@ def start_capture_observer(service: Any, interval: float = 2.0) -> threading.Thr
         while not service.stopped:
             stats = service.stats
             now = (stats.confirmed_lsn, stats.heartbeats, stats.events)
-            if now != last:
+            # a standby (not streaming) waits by design: ArchsyncCaptureDown watches the source
+            if now != last or not stats.streaming:
                 metrics.LAST_PROGRESS.labels("capture").set(time.time())
                 last = now
             time.sleep(interval)

@@ -36,13 +36,18 @@ import io
 import time
 from collections.abc import Mapping
 from datetime import date, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import fastavro
 import orjson
 
-from processors.model import json_default
+from processors.model import ApplyCommand, Change, command_id, json_default, to_jsonable
 from schemas import registry
+
+if TYPE_CHECKING:
+    from topology.flows import Flow
+    from topology.model import Topology
+    from topology.operations import NotifySpec
 
 NOTIFICATION_SCHEMA: Final = "notification.v1"
 
@@ -201,3 +206,144 @@ def decode_notification(data: bytes | bytearray | memoryview) -> dict[str, Any]:
 def notification_message(record: Mapping[str, Any]) -> tuple[bytes, bytes]:
     """(Kafka key, value) of a notification: the id as UTF-8, the Avro record."""
     return str(record["notification_id"]).encode(), encode_notification(record)
+
+
+# ------------------------------------------------------------------------------ from topology rules
+
+TODO_TASK_TYPE: Final = "NOTIFICATION"
+
+
+def todo_command(
+    record: Mapping[str, Any],
+    todo_table: str,
+    *,
+    flow: str,
+    source_system: str,
+    source_event_id: str,
+    source_commit_lsn: int,
+    source_order: int = 0,
+    source_commit_ts_ms: int | None = None,
+) -> ApplyCommand:
+    """The OA to-do row of a notification, as an ``insert_once`` apply command.
+
+    ``todo_table`` is ``<system>.<schema>.<table>`` (the reference OA's ``oa.public.oa_task``);
+    the row is keyed by ``idempotency_key = 'notification:<notification_id>'``, so it is
+    inserted once however often the notification is raised.
+    """
+    system, _, table = todo_table.partition(".")
+    match = {"idempotency_key": f"notification:{record['notification_id']}"}
+    payload = {k: v for k, v in record.items() if k != "detail_json"}
+    payload["detail"] = orjson.loads(record.get("detail_json") or "{}")
+    values = {
+        **match,
+        "task_type": TODO_TASK_TYPE,
+        "assignee": record.get("recipient"),
+        "title": record["subject"],
+        "ref_system": record["subject_system"],
+        "ref_id": record.get("subject_ref") or f"{record.get('subject_table') or ''}:{record['subject_id']}",
+        "payload": to_jsonable(payload),
+    }
+    return ApplyCommand(
+        command_id=command_id(source_event_id, flow, table, match),
+        flow=flow,
+        target_system=system,
+        table=table,
+        action="insert_once",
+        match=match,
+        values=values,
+        source_system=source_system,
+        source_event_id=source_event_id,
+        source_commit_lsn=source_commit_lsn,
+        source_order=source_order,
+        source_commit_ts_ms=source_commit_ts_ms,
+        aggregate_key=f"notification:{record['notification_id']}",
+        txn_id=f"notification:{record['notification_id']}",
+    )
+
+
+def render(
+    spec: NotifySpec,
+    ctx: Mapping[str, Any],
+    *,
+    rule: str,
+    subject_system: str,
+    default_table: str,
+    default_id: Any,
+    source_event_id: str | None,
+    ts_ms: int | None = None,
+) -> dict[str, Any] | None:
+    """The notification a ``notify:`` spec gives in ``ctx`` (None when its ``when`` is false)."""
+    if spec.when is not None and not spec.when(ctx):
+        return None
+
+    def value(expr: Any, default: Any = None) -> Any:
+        return default if expr is None else expr(ctx)
+
+    subject_id = value(spec.id, default_id)
+    detail: dict[str, Any] = {"rule": rule}
+    root = ctx.get("root")
+    if isinstance(root, Mapping):
+        detail["status"] = root.get("status")
+    return build_notification(
+        spec.kind,
+        subject_system=subject_system,
+        subject_table=spec.table or default_table,
+        subject_id=subject_id,
+        subject_ref=_text(value(spec.ref)),
+        subject=_text(value(spec.subject)) or "",
+        body=_text(value(spec.body)) or "",
+        recipient=_text(value(spec.to)),
+        due_date=value(spec.due),
+        severity=spec.severity,
+        rule=rule,
+        detail=detail,
+        source_event_id=source_event_id,
+        ts_ms=ts_ms,
+    )
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def flow_actions(
+    topology: Topology, flow: Flow, ctx: Mapping[str, Any], change: Change
+) -> tuple[list[dict[str, Any]], list[ApplyCommand], list[str]]:
+    """What a flow's ``notify``/``release`` give for a change: (notifications, OA to-do commands,
+    flows to release). Empty unless the flow's ``when`` holds in ``ctx`` (its vars evaluated)."""
+    if flow.notify is None and not flow.release:
+        return [], [], []
+    if flow.when is not None and not flow.when(ctx):
+        return [], [], []
+    records: list[dict[str, Any]] = []
+    commands: list[ApplyCommand] = []
+    if flow.notify is not None:
+        key = change.key or {}
+        default_id = next(iter(key.values())) if len(key) == 1 else orjson.dumps(key, option=orjson.OPT_SORT_KEYS)
+        record = render(
+            flow.notify,
+            ctx,
+            rule=flow.name,
+            subject_system=change.system,
+            default_table=change.table,
+            default_id=default_id.decode() if isinstance(default_id, bytes) else default_id,
+            source_event_id=change.event_id,
+            ts_ms=change.commit_ts_ms,
+        )
+        if record is not None:
+            records.append(record)
+            todo = topology.operations.todo_table if topology.operations else None
+            if flow.notify.todo and todo:
+                commands.append(
+                    todo_command(
+                        record,
+                        todo,
+                        flow=flow.name,
+                        source_system=change.system,
+                        source_event_id=change.event_id,
+                        source_commit_lsn=change.commit_lsn,
+                        source_order=change.order,
+                        source_commit_ts_ms=change.commit_ts_ms,
+                    )
+                )
+    return records, commands, list(flow.release)

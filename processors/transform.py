@@ -27,13 +27,14 @@ column's value must be one of the list (e.g. cancel an item only while it is not
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
 
 from processors.model import ApplyCommand, Change, Conflict, command_id, json_default, to_jsonable
+from processors.notifications import NotificationError, flow_actions
 from topology.expressions import ExpressionError
 from topology.flows import Aggregate, CommandSpec, Flow, evaluate_value
 from topology.model import Topology
@@ -61,7 +62,16 @@ class AggregateState:
     fired: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # shallow on purpose: the caller stores it at once (a deep copy per change was the
+        # transform's biggest cost)
+        return {
+            "aggregate": self.aggregate,
+            "key": self.key,
+            "rows": self.rows,
+            "positions": self.positions,
+            "previous": self.previous,
+            "fired": self.fired,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AggregateState:
@@ -91,6 +101,8 @@ class TransformResult:
     conflicts: list[Conflict] = field(default_factory=list)
     rejected: list[tuple[str, Change]] = field(default_factory=list)  # (reason, change) → dead letter
     duplicate: bool = False  # the change was not newer than the state: dropped
+    notifications: list[dict[str, Any]] = field(default_factory=list)  # notification.v1 records (notify:)
+    releases: list[str] = field(default_factory=list)  # held flows a rule releases (release:)
 
 
 class _Reject(Exception):
@@ -330,12 +342,17 @@ def transform(topology: Topology, state: AggregateState, change: Change) -> Tran
             ctx["vars"] = variables = {}
             for name, spec in flow.vars:
                 variables[name] = evaluate_value(spec, ctx)
-            emitter.emit(flow.command, ctx, None)
-        except (_Reject, ExpressionError) as exc:
+            if flow.command is not None:
+                emitter.emit(flow.command, ctx, None)
+            notes, todo, releases = flow_actions(topology, flow, ctx, change)
+        except (_Reject, ExpressionError, NotificationError) as exc:
             result.rejected.append((f"flow {flow.name}: {exc}", change))
             continue
         if emitter.commands:
             state.fired[flow.name] = [change.commit_lsn, change.order]
         result.commands.extend(emitter.commands)
+        result.commands.extend(todo)
         result.conflicts.extend(emitter.conflicts)
+        result.notifications.extend(notes)
+        result.releases.extend(releases)
     return result

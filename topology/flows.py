@@ -25,6 +25,7 @@ from typing import Any
 
 from topology.expressions import Expression, ExpressionSyntaxError, compile_expression, constant
 from topology.model import IDENT, QUALIFIED, Source, _Reader
+from topology.operations import FLOW_KEYS, NotifySpec, SyncMode, check_releases, parse_flow_operations
 
 ACTIONS = frozenset({"upsert", "update", "insert_once", "delete"})
 OPS = frozenset({"c", "u", "d", "r"})
@@ -96,7 +97,11 @@ class Flow:
     on: tuple[str, ...]
     ops: frozenset[str]
     vars: tuple[tuple[str, Any], ...]
-    command: CommandSpec
+    command: CommandSpec | None  # None: a flow that only notifies / releases (topology/operations.py)
+    when: Expression | None = None  # the flow's condition (also the top command's ``when``)
+    sync: SyncMode = field(default_factory=SyncMode)
+    notify: NotifySpec | None = None
+    release: tuple[str, ...] = ()
 
 
 def evaluate_value(spec: Any, ctx: Mapping[str, Any]) -> Any:
@@ -295,7 +300,7 @@ def _parse_flows(
     names: set[str] = set()
     for i, body in enumerate(raw):
         keys: Keys = ("flows", i)
-        m = r.mapping(_normalise_on(body), keys, {"name", "from", "on", "ops", "vars", *_COMMAND_KEYS})
+        m = r.mapping(_normalise_on(body), keys, {"name", "from", "on", "ops", "vars", *_COMMAND_KEYS, *FLOW_KEYS})
         name = r.get(m, keys, "name", str)
         if not IDENT.match(name):
             raise r.fail((*keys, "name"), "a flow name is lower-case letters, digits and _")
@@ -321,7 +326,17 @@ def _parse_flows(
             if not isinstance(var, str) or not COLUMN.match(var):
                 raise r.fail((*keys, "vars", str(var)), f"not a variable name: {var!r}")
             vars_.append((var, _value(r, (*keys, "vars", var), text)))
-        command = _parse_command(r, keys, m, sources)
+        sync, notify, release = parse_flow_operations(r, keys, m)
+        if "to" in m or (notify is None and not release):
+            command: CommandSpec | None = _parse_command(r, keys, m, sources)
+        else:
+            extra = sorted(set(m) & (_COMMAND_KEYS - {"when"}))
+            if extra:
+                raise r.fail((*keys, extra[0]), f"{extra[0]!r} needs a command target 'to'")
+            command = None
+        if notify is not None and "for_each" in m:
+            raise r.fail((*keys, "notify"), "a flow with a top-level for_each cannot notify (one row at a time)")
+        when = _expr(r, (*keys, "when"), m["when"]) if "when" in m else None
         flows.append(
             Flow(
                 name=name,
@@ -331,8 +346,13 @@ def _parse_flows(
                 ops=frozenset(ops),
                 vars=tuple(vars_),
                 command=command,
+                when=when,
+                sync=sync,
+                notify=notify,
+                release=release,
             )
         )
+    check_releases(r, flows)
     return tuple(flows)
 
 

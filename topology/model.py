@@ -16,6 +16,7 @@ from archsync.errors import ArchsyncError
 
 if TYPE_CHECKING:
     from topology.flows import Aggregate, Flow, Ownership
+    from topology.operations import Operations
 
 IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 QUALIFIED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_$]*$")
@@ -90,6 +91,7 @@ class Topology:
     aggregates: Mapping[str, Aggregate] = field(default_factory=dict)
     ownership: Mapping[str, Ownership] = field(default_factory=dict)  # "<system>.<schema>.<table>" → owners
     flows: tuple[Flow, ...] = ()
+    operations: Operations | None = None  # notifications, scans, reconcile schedule (topology/operations.py)
 
     def source(self, name: str) -> Source:
         """A source by name, or a TopologyError listing the known ones."""
@@ -243,6 +245,8 @@ def parse_topology(text: str, path: str = "<memory>") -> Topology:
             "rules",
             "flows",
             "ownership",
+            "notifications",
+            "reconcile",
         },
     )
     version = r.get(top, (), "version", int)
@@ -269,6 +273,9 @@ def parse_topology(text: str, path: str = "<memory>") -> Topology:
     from topology.flows import parse_flow_sections  # flows imports this module
 
     aggregates, ownership, flows = parse_flow_sections(r, top, sources)
+    from topology.operations import parse_operations
+
+    operations = parse_operations(r, top, sources)
     return Topology(
         name=r.get(top, (), "name", str, Path(path).stem),
         topics=topics,
@@ -279,6 +286,7 @@ def parse_topology(text: str, path: str = "<memory>") -> Topology:
         aggregates=aggregates,
         ownership=ownership,
         flows=flows,
+        operations=operations,
     )
 
 

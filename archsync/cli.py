@@ -167,12 +167,20 @@ def topology_show(ctx: Context) -> None:
 
 @cli.command()
 @click.option("--forms", type=int, default=20, show_default=True, help="How many OA forms the office submits.")
+@click.option(
+    "--metrics-port", type=int, default=0, help="Serve the captures' metrics here (the local Prometheus: 9401)."
+)
+@click.option(
+    "--worker-metrics-port", type=int, default=0, help="Serve the worker's metrics here (local Prometheus: 9403)."
+)
 @pass_ctx
-def demo(ctx: Context, forms: int) -> None:
+def demo(ctx: Context, forms: int, metrics_port: int, worker_metrics_port: int) -> None:
     """The local demo: the whole pipeline, a simulated OA office and archive; exit 0 if both sides agree."""
     from archsync.demo import run_demo
 
-    raise SystemExit(run_demo(ctx.settings, ctx.topology(), forms, ctx.topology_path))
+    raise SystemExit(
+        run_demo(ctx.settings, ctx.topology(), forms, ctx.topology_path, (metrics_port, worker_metrics_port))
+    )
 
 
 @cli.command()

@@ -100,7 +100,13 @@ def _dead_letters(settings: Settings, topology: Topology) -> int:
     return total
 
 
-def run_demo(settings: Settings, topology: Topology, forms: int, topology_path: str | None = None) -> int:
+def run_demo(
+    settings: Settings,
+    topology: Topology,
+    forms: int,
+    topology_path: str | None = None,
+    metrics_ports: tuple[int, int] = (0, 0),
+) -> int:
     if "ARCHSYNC_LOG_LEVEL" not in os.environ:  # keep the demo's screen readable
         logging.getLogger().setLevel(logging.WARNING)
     click.echo("archsync demo — OA ⇄ electronic accounting archive, through Kafka, on the local services")
@@ -116,6 +122,13 @@ def run_demo(settings: Settings, topology: Topology, forms: int, topology_path: 
     click.echo("  schemas, publications and topics ready")
 
     services = {name: CaptureService(topology, name, settings) for name in topology.sources}
+    if metrics_ports[0]:
+        from archsync.metrics import serve_metrics
+        from archsync.observability import start_capture_observer
+
+        serve_metrics(metrics_ports[0])
+        for s in services.values():
+            start_capture_observer(s)
     threads = [threading.Thread(target=s.run_forever, daemon=True, name=f"capture-{n}") for n, s in services.items()]
     for th in threads:
         th.start()
@@ -124,7 +137,8 @@ def run_demo(settings: Settings, topology: Topology, forms: int, topology_path: 
         cmd += ["--topology", topology_path]
     log_path = Path(os.environ.get("ARCHSYNC_DEMO_LOG", "/tmp/archsync-demo-worker.log"))
     offset = log_path.stat().st_size if log_path.exists() else 0
-    worker = subprocess.Popen([*cmd, "worker"], stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
+    worker_args = ["--metrics-port", str(metrics_ports[1])] if metrics_ports[1] else []
+    worker = subprocess.Popen([*cmd, "worker", *worker_args], stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while not all(s.stats.streaming for s in services.values()):

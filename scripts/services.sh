@@ -228,10 +228,11 @@ prometheus_up() {
   mkdir -p "$PROM_DIR/targets" "$PROM_DIR/data"
   # the archsync processes to scrape: edit this file (or add more *.json files) to change ports;
   # defaults: capture --source oa on 9401, capture --source archive on 9402, worker on 9403
+  # (`archsync demo --metrics-port 9401` serves its captures on 9401 and its worker on 9403).
+  # Target labels must not reuse metric label names (source, target…): Prometheus would rename them.
   [ -f "$PROM_DIR/targets/local.json" ] || cat > "$PROM_DIR/targets/local.json" <<'JSON'
 [
-  {"targets": ["127.0.0.1:9401"], "labels": {"component": "capture", "source": "oa"}},
-  {"targets": ["127.0.0.1:9402"], "labels": {"component": "capture", "source": "archive"}},
+  {"targets": ["127.0.0.1:9401", "127.0.0.1:9402"], "labels": {"component": "capture"}},
   {"targets": ["127.0.0.1:9403"], "labels": {"component": "worker"}}
 ]
 JSON

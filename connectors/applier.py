@@ -39,6 +39,7 @@ import base64
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -113,6 +114,8 @@ class ApplyResult:
     conflicts: list[Conflict] = field(default_factory=list)
     failed: list[tuple[ApplyCommand, str]] = field(default_factory=list)
     progress_lsn: int | None = None  # the source LSN recorded as the origin's progress
+    #: one entry per command: applied | skipped_replay | skipped_older | failed
+    outcomes: list[tuple[ApplyCommand, str]] = field(default_factory=list)
 
     @property
     def skipped(self) -> int:
@@ -125,6 +128,7 @@ class ApplyResult:
         self.rows_affected += other.rows_affected
         self.conflicts.extend(other.conflicts)
         self.failed.extend(other.failed)
+        self.outcomes.extend(other.outcomes)
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,12 @@ class Applier:
             conn.autocommit = True
             self.conn = conn
         self._tables: dict[str, TargetTable] = {}
+        self._sql_cache: dict[tuple[Any, ...], bytes] = {}
+        # per batch (see _run_batch): fast path on, its guard cache and pending guard rows
+        self._fast = False
+        self._written: list[psycopg.Cursor[Any]] = []
+        self._batch_guards: dict[tuple[str, str], dict[str, _Guard]] = {}
+        self._pending_guards: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         try:
             self._start()
         except BaseException:
@@ -351,28 +361,64 @@ class Applier:
         Commands that cannot be applied are returned in ``failed`` (their whole group rolled back);
         a connection-level or transient error (deadlock, serialization failure) raises and rolls
         back the batch, which is safe to retry as a whole.
+
+        The batch first runs on the fast path: psycopg pipeline mode (writes are queued, only the
+        reads wait for the server), the guard rows of the whole batch read in one query and
+        written in one statement, no savepoints. Should any command fail there, the transaction
+        is rolled back and the batch is run again group by group with savepoints, which isolates
+        the failing groups (the fast path never commits a partial batch).
         """
         commands = list(commands)
-        result = ApplyResult()
         if not commands:
-            return result
+            return ApplyResult()
+        try:
+            return self._run_batch(commands, fast=True)
+        except (psycopg.Error, CommandError, ValueError, TypeError) as exc:
+            if self.conn.broken or self.conn.closed:
+                raise
+            log.info(
+                "a command of the batch cannot be applied; applying it group by group: %s",
+                first_line(exc) if isinstance(exc, psycopg.Error) else exc,
+            )
+        return self._run_batch(commands, fast=False)
+
+    def _run_batch(self, commands: list[ApplyCommand], *, fast: bool) -> ApplyResult:
+        result = ApplyResult()
         groups: dict[tuple[str, str, str], list[ApplyCommand]] = {}
         for cmd in commands:
             txn = cmd.txn_id or f"@{cmd.source_commit_lsn}"
             groups.setdefault((cmd.source_system, txn, cmd.aggregate_key), []).append(cmd)
         last = max(commands, key=lambda c: (c.source_commit_lsn, c.source_order))
-        with self.conn.transaction():
-            for group in groups.values():
-                result.merge(self._apply_group(group))
-            ts = (
-                datetime.fromtimestamp(last.source_commit_ts_ms / 1000, UTC)
-                if last.source_commit_ts_ms is not None
-                else None
-            )
-            self.conn.execute(
-                "SELECT pg_replication_origin_xact_setup(%s::pg_lsn, coalesce(%s::timestamptz, now()))",
-                (lsn_to_str(last.source_commit_lsn), ts),
-            )
+        ts = (
+            datetime.fromtimestamp(last.source_commit_ts_ms / 1000, UTC)
+            if last.source_commit_ts_ms is not None
+            else None
+        )
+        self._fast = fast
+        self._written = []
+        self._pending_guards = {}
+        try:
+            with self.conn.pipeline() if fast else nullcontext(), self.conn.transaction():
+                if fast:
+                    self._batch_guards = self._prefetch_guards(commands)
+                    for group in groups.values():
+                        for cmd in group:
+                            self._apply_one(cmd, result)
+                    self._flush_guards()
+                else:
+                    for group in groups.values():
+                        result.merge(self._apply_group(group))
+                self.conn.execute(
+                    "SELECT pg_replication_origin_xact_setup(%s::pg_lsn, coalesce(%s::timestamptz, now()))",
+                    (lsn_to_str(last.source_commit_lsn), ts),
+                )
+            if fast:
+                result.rows_affected += sum(max(cur.rowcount, 0) for cur in self._written)
+        finally:
+            self._fast = False
+            self._written = []
+            self._batch_guards = {}
+            self._pending_guards = {}
         result.progress_lsn = last.source_commit_lsn
         return result
 
@@ -393,6 +439,7 @@ class Applier:
             for cmd in group:
                 why = reason if cmd is current else f"rolled back with its source transaction: {reason}"
                 failed.failed.append((cmd, why))
+                failed.outcomes.append((cmd, "failed"))
             return failed
         return out
 
@@ -424,28 +471,31 @@ class Applier:
             self._insert_once(cmd, table, out)
             return
         key = target_key(cmd.match)
-        guards = self._guards(table.name, key)
+        guards = self._batch_guards.get((table.name, key), {}) if self._fast else self._guards(table.name, key)
         mine = guards.get(cmd.source_system)
         if mine is not None:
             theirs, ours = (mine.lsn, mine.order), (cmd.source_commit_lsn, cmd.source_order)
             if theirs > ours:
                 out.skipped_older += 1
+                out.outcomes.append((cmd, "skipped_older"))
                 return
             if theirs == ours and mine.command_id == cmd.command_id:
                 out.skipped_replay += 1
+                out.outcomes.append((cmd, "skipped_replay"))
                 return
         others = [g for s, g in guards.items() if s != cmd.source_system]
         match = {c: self._match_param(v, table, c) for c, v in cmd.match.items()}
         if cmd.action == "delete":
-            cur = self.conn.execute(
-                sql.SQL("DELETE FROM {} WHERE {}").format(table.ident, self._where(table, match)),
-                list(self._where_params(match)),
+            query = self._cached(
+                ("delete", table.name, _shape(match)),
+                lambda: sql.SQL("DELETE FROM {} WHERE {}").format(table.ident, self._where(table, match)),
             )
-            out.rows_affected += max(cur.rowcount, 0)
+            self._count(self.conn.execute(query, list(self._where_params(match))), out)
         else:
             self._write(cmd, table, match, others, insert=cmd.action == "upsert", out=out)
         self._save_guard(cmd, table.name, key, deleted=cmd.action == "delete")
         out.applied += 1
+        out.outcomes.append((cmd, "applied"))
 
     def _write(
         self,
@@ -517,17 +567,17 @@ class Applier:
             write.update(self._allocate(table, col, spec))
         if rows:
             if write:
-                cur = self.conn.execute(
-                    sql.SQL("UPDATE {} SET {} WHERE {}").format(
+                query = self._cached(
+                    ("update", table.name, tuple(write), _shape(match)),
+                    lambda: sql.SQL("UPDATE {} SET {} WHERE {}").format(
                         table.ident,
                         sql.SQL(", ").join(
                             sql.SQL("{} = %s::{}").format(sql.Identifier(c), sql.SQL(table.type_of(c))) for c in write
                         ),
                         self._where(table, match),
                     ),
-                    [*write.values(), *self._where_params(match)],
                 )
-                out.rows_affected += max(cur.rowcount, 0)
+                self._count(self.conn.execute(query, [*write.values(), *self._where_params(match)]), out)
         elif insert:
             row = {**match, **write}
             for col, value in init.items():
@@ -543,15 +593,20 @@ class Applier:
         ).fetchone()
         if first is None:
             out.skipped_replay += 1
+            out.outcomes.append((cmd, "skipped_replay"))
             return
         row: dict[str, Any] = {c: self._param(v, table, c) for c, v in cmd.match.items()}
         if row:  # insert unless a row matching ``match`` exists; never update it
-            exists = self.conn.execute(
-                sql.SQL("SELECT 1 FROM {} WHERE {} LIMIT 1 FOR UPDATE").format(table.ident, self._where(table, row)),
-                list(self._where_params(row)),
-            ).fetchone()
+            query = self._cached(
+                ("exists", table.name, _shape(row)),
+                lambda: sql.SQL("SELECT 1 FROM {} WHERE {} LIMIT 1 FOR UPDATE").format(
+                    table.ident, self._where(table, row)
+                ),
+            )
+            exists = self.conn.execute(query, list(self._where_params(row))).fetchone()
             if exists is not None:
                 out.skipped_replay += 1
+                out.outcomes.append((cmd, "skipped_replay"))
                 return
         now_ms = int(time.time() * 1000)
         for col, value in cmd.values.items():
@@ -586,19 +641,34 @@ class Applier:
         self._insert(table, row)
         out.rows_affected += 1
         out.applied += 1
+        out.outcomes.append((cmd, "applied"))
 
     # ------------------------------------------------------------------------------ helpers
     def _insert(self, table: TargetTable, row: Mapping[str, Any]) -> None:
         """INSERT one row, each value cast to its column's type."""
-        self.conn.execute(
-            sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+        query = self._cached(
+            ("insert", table.name, tuple(row)),
+            lambda: sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
                 table.ident,
                 sql.SQL(", ").join(sql.Identifier(c) for c in row),
                 sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(table.type_of(c))) for c in row),
             ),
-            list(row.values()),
         )
+        self.conn.execute(query, list(row.values()))
 
+    def _cached(self, key: tuple[Any, ...], build: Callable[[], sql.Composable]) -> bytes:
+        """The SQL text of a statement shape, composed once per applier (composition is costly)."""
+        query = self._sql_cache.get(key)
+        if query is None:
+            query = self._sql_cache[key] = build().as_bytes(self.conn)
+        return query
+
+    def _count(self, cur: psycopg.Cursor[Any], out: ApplyResult) -> None:
+        """Rows affected by a write: known at once, or (pipeline mode) when the batch is synced."""
+        if self._fast:
+            self._written.append(cur)
+        else:
+            out.rows_affected += max(cur.rowcount, 0)
 
     def _table(self, name: str) -> TargetTable:
         table = self._tables.get(name)
@@ -659,12 +729,13 @@ class Applier:
         column = str(spec["column"])
         table.type_of(column)
         where = {c: self._param(v, table, c) for c, v in spec["where"].items()}
-        rows = self.conn.execute(
-            sql.SQL("SELECT {} FROM {} WHERE {} LIMIT 2").format(
+        query = self._cached(
+            ("lookup", table.name, column, _shape(where)),
+            lambda: sql.SQL("SELECT {} FROM {} WHERE {} LIMIT 2").format(
                 sql.Identifier(column), table.ident, self._where(table, where)
             ),
-            list(self._where_params(where)),
-        ).fetchall()
+        )
+        rows = self.conn.execute(query, list(self._where_params(where))).fetchall()
         described = orjson.dumps(spec["where"], option=orjson.OPT_SORT_KEYS, default=json_default).decode()
         if not rows:
             raise CommandError(
@@ -731,23 +802,23 @@ class Applier:
         self, table: TargetTable, match: dict[str, Any], plain: dict[str, Any], read_only: list[str]
     ) -> list[tuple[dict[str, Any], dict[str, bool]]]:
         """The matched rows, locked: (current values, does the incoming value differ) per column."""
-        select: list[sql.Composable] = [sql.SQL("1")]
-        params: list[Any] = []
-        for col, param in plain.items():
-            ctype = table.type_of(col)
-            ident = sql.Identifier(col)
-            if ctype == "json":  # json has no equality operator
-                select.append(sql.SQL("{0}, {0}::jsonb IS DISTINCT FROM %s::jsonb").format(ident))
-            else:
-                select.append(sql.SQL("{0}, {0} IS DISTINCT FROM %s::{1}").format(ident, sql.SQL(ctype)))
-            params.append(param)
-        select.extend(sql.Identifier(c) for c in read_only)
-        rows = self.conn.execute(
-            sql.SQL("SELECT {} FROM {} WHERE {} FOR UPDATE").format(
+
+        def build() -> sql.Composable:
+            select: list[sql.Composable] = [sql.SQL("1")]
+            for col in plain:
+                ctype = table.type_of(col)
+                ident = sql.Identifier(col)
+                if ctype == "json":  # json has no equality operator
+                    select.append(sql.SQL("{0}, {0}::jsonb IS DISTINCT FROM %s::jsonb").format(ident))
+                else:
+                    select.append(sql.SQL("{0}, {0} IS DISTINCT FROM %s::{1}").format(ident, sql.SQL(ctype)))
+            select.extend(sql.Identifier(c) for c in read_only)
+            return sql.SQL("SELECT {} FROM {} WHERE {} FOR UPDATE").format(
                 sql.SQL(", ").join(select), table.ident, self._where(table, match)
-            ),
-            [*params, *self._where_params(match)],
-        ).fetchall()
+            )
+
+        query = self._cached(("current", table.name, tuple(plain), tuple(read_only), _shape(match)), build)
+        rows = self.conn.execute(query, [*plain.values(), *self._where_params(match)]).fetchall()
         out: list[tuple[dict[str, Any], dict[str, bool]]] = []
         for r in rows:
             values: dict[str, Any] = {}
@@ -770,7 +841,62 @@ class Applier:
         ).fetchall()
         return {r[0]: _Guard(r[0], r[1], r[2], r[3], r[4]) for r in rows}
 
+    def _prefetch_guards(self, commands: list[ApplyCommand]) -> dict[tuple[str, str], dict[str, _Guard]]:
+        """The guard rows of every target row the batch touches, read (and locked) in one query."""
+        keys = {
+            ("{}.{}".format(*qualified(cmd.table)), target_key(cmd.match))
+            for cmd in commands
+            if cmd.action != "insert_once" and cmd.match
+        }
+        out: dict[tuple[str, str], dict[str, _Guard]] = {}
+        if not keys:
+            return out
+        tables, tkeys = zip(*keys, strict=True)
+        rows = self.conn.execute(
+            "SELECT g.target_table, g.target_key, g.source_system, g.source_commit_lsn, g.source_order,"
+            " g.source_commit_ts_ms, g.command_id FROM archsync_apply_guard g"
+            " JOIN unnest(%s::text[], %s::text[]) AS k(t, k) ON g.target_table = k.t AND g.target_key = k.k"
+            " FOR UPDATE OF g",
+            (list(tables), list(tkeys)),
+        ).fetchall()
+        for r in rows:
+            out.setdefault((r[0], r[1]), {})[r[2]] = _Guard(r[2], r[3], r[4], r[5], r[6])
+        return out
+
+    def _flush_guards(self) -> None:
+        """Write the batch's guard rows in one statement (the last command per row wins)."""
+        if not self._pending_guards:
+            return
+        columns = list(zip(*self._pending_guards.values(), strict=True))
+        self.conn.execute(
+            "INSERT INTO archsync_apply_guard (target_table, target_key, source_system, source_commit_lsn,"
+            " source_order, source_commit_ts_ms, command_id, deleted, applied_at)"
+            " SELECT *, now() FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[],"
+            " %s::bigint[], %s::text[], %s::boolean[])"
+            " ON CONFLICT (target_table, target_key, source_system) DO UPDATE SET"
+            " source_commit_lsn = EXCLUDED.source_commit_lsn, source_order = EXCLUDED.source_order,"
+            " source_commit_ts_ms = EXCLUDED.source_commit_ts_ms, command_id = EXCLUDED.command_id,"
+            " deleted = EXCLUDED.deleted, applied_at = EXCLUDED.applied_at",
+            [list(c) for c in columns],
+        )
+
     def _save_guard(self, cmd: ApplyCommand, table: str, key: str, *, deleted: bool) -> None:
+        if self._fast:
+            row = (
+                table,
+                key,
+                cmd.source_system,
+                cmd.source_commit_lsn,
+                cmd.source_order,
+                cmd.source_commit_ts_ms,
+                cmd.command_id,
+                deleted,
+            )
+            self._pending_guards[(table, key, cmd.source_system)] = row
+            self._batch_guards.setdefault((table, key), {})[cmd.source_system] = _Guard(
+                cmd.source_system, cmd.source_commit_lsn, cmd.source_order, cmd.source_commit_ts_ms, cmd.command_id
+            )
+            return
         self.conn.execute(
             "INSERT INTO archsync_apply_guard (target_table, target_key, source_system, source_commit_lsn,"
             " source_order, source_commit_ts_ms, command_id, deleted, applied_at)"
@@ -790,6 +916,14 @@ class Applier:
                 deleted,
             ),
         )
+
+
+def _shape(match: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What the WHERE clause of ``match`` looks like (columns, NULLs, IN-list sizes): the SQL cache key."""
+    return tuple(
+        (c, None if v is None else (len(v.values), None in v.values) if isinstance(v, _InList) else 1)
+        for c, v in match.items()
+    )
 
 
 def _is_special(value: Any, key: str) -> bool:

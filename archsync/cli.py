@@ -10,6 +10,7 @@ import click
 
 from archsync.errors import ArchsyncError
 from archsync.logs import configure_logging
+from archsync.reconcile import COMMANDS as reconcile_commands
 from archsync.settings import ENV_KAFKA_BOOTSTRAP, Settings, load_settings
 from archsync.status import status_command
 
@@ -328,6 +329,8 @@ def slots_drop(ctx: Context, source_name: str, yes: bool) -> None:
 
 
 cli.add_command(status_command)
+for _command in reconcile_commands:  # reconcile, release, notify (archsync/reconcile.py)
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:

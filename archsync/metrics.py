@@ -100,6 +100,34 @@ FLOW_LATENCY = Histogram(
 )
 
 
+# -- reconciliation, sync modes, notifications ----------------------------------------------
+RECONCILE_DRIFT = Gauge(
+    "archsync_reconcile_drift_aggregates",
+    "Aggregates whose target rows differ from what the source says, at the last reconciliation",
+    ["source", "target"],
+)
+RECONCILE_LAST_RUN = Gauge(
+    "archsync_reconcile_last_run_timestamp_seconds", "Unix time the last reconciliation finished"
+)
+RECONCILE_RUNS = Counter("archsync_reconcile_runs_total", "Reconciliation runs by result", ["result"])
+NOTIFICATIONS = Counter("archsync_notifications_total", "Notifications raised", ["kind"])
+HELD_COMMANDS = Counter("archsync_held_commands_total", "Apply commands held for a scheduled/triggered flow", ["flow"])
+RELEASED_COMMANDS = Counter(
+    "archsync_released_commands_total", "Held apply commands released to the apply topic", ["flow"]
+)
+
+
+# -- audit log (issue 5) ----------------------------------------------------------------
+AUDIT_EVENTS = Counter("archsync_audit_events_total", "Audit events chained and written to the audit log", ["kind"])
+AUDIT_CHAINS = Gauge("archsync_audit_chains", "Aggregate hash chains held by this worker")
+AUDIT_CHAIN_LENGTH = Gauge("archsync_audit_chain_length", "Events in the hash chains held by this worker")
+AUDIT_CHAIN_BREAKS = Counter("archsync_audit_chain_breaks_total", "Breaks found by audit verify (tampering, loss)")
+FIXITY_CHECKED = Counter("archsync_fixity_checked_files_total", "Archived files re-hashed by the fixity check")
+FIXITY_VIOLATIONS = Counter(
+    "archsync_fixity_violations_total", "Archived files whose bytes no longer match their recorded sha256"
+)
+
+
 def serve_metrics(port: int) -> None:
     """Serve /metrics on ``port`` (0: do not serve)."""
     if port:

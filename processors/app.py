@@ -31,6 +31,7 @@ from archsync.settings import Settings
 from connectors.kafka_admin import TopicSpec, ensure_topics
 from processors.model import ApplyCommand, Change
 from processors.normalise import normalise
+from processors.sync_modes import operations_topics
 from schemas.codec import ChangeEventCodec
 from topology.model import Topology
 
@@ -51,6 +52,7 @@ def pipeline_topics(topology: Topology) -> dict[str, str]:
     }
     for system in topology.sources:
         names[f"apply_{system}"] = f"{prefix}.apply.{system}"
+    names.update(operations_topics(topology))  # held.<flow>, notifications, control
     return names
 
 
@@ -103,6 +105,7 @@ def create_app(
 ) -> faust.App:
     """Build the Faust app for a topology (agents registered, not started)."""
     from connectors.applier import Applier
+    from processors.operations import WorkerOperations
     from processors.transform import AggregateState, aggregate_key_of, apply_change, new_state, transform
 
     names = pipeline_topics(topology)
@@ -134,6 +137,7 @@ def create_app(
     dlq_transform = raw_topic(names["dlq_transform"])
     dlq_apply = raw_topic(names["dlq_apply"])
     apply_topics = {system: raw_topic(names[f"apply_{system}"], partitions=partitions) for system in topology.sources}
+    ops = WorkerOperations(app, topology, settings, raw_topic)  # sync modes, notifications, schedules
 
     dedupe = (
         app.Table("dedupe", default=int, partitions=partitions)
@@ -206,7 +210,7 @@ def create_app(
             aggregates[key] = state.to_dict()
             for cmd in result.commands:
                 metrics.TRANSFORMED.labels(cmd.flow).inc()
-                await apply_topics[cmd.target_system].send(key=cmd.aggregate_key.encode(), value=cmd.to_json())
+                await ops.topic_for(cmd, apply_topics).send(key=cmd.aggregate_key.encode(), value=cmd.to_json())
             for conflict in result.conflicts:
                 metrics.CONFLICTS.labels(conflict.table, conflict.decision).inc()
                 await conflicts.send(key=conflict.table.encode(), value=conflict.to_json())
@@ -218,6 +222,7 @@ def create_app(
                         "transform", reason, rejected.to_json(), topic=names["changes"], event_id=rejected.event_id
                     ),
                 )
+            await ops.after_transform(result)  # notifications, release markers
             # no wait for the acks here: Faust flushes the producer before it commits offsets, so a
             # change's offset is committed only after its commands are in Kafka (at least once)
             metrics.TRANSFORM_LATENCY.observe(time.perf_counter() - started)

@@ -271,6 +271,7 @@ def render(
     default_id: Any,
     source_event_id: str | None,
     ts_ms: int | None = None,
+    default_due: Any = None,
 ) -> dict[str, Any] | None:
     """The notification a ``notify:`` spec gives in ``ctx`` (None when its ``when`` is false)."""
     if spec.when is not None and not spec.when(ctx):
@@ -293,7 +294,7 @@ def render(
         subject=_text(value(spec.subject)) or "",
         body=_text(value(spec.body)) or "",
         recipient=_text(value(spec.to)),
-        due_date=value(spec.due),
+        due_date=value(spec.due, default_due),
         severity=spec.severity,
         rule=rule,
         detail=detail,

@@ -40,6 +40,8 @@ Top level::
     reconcile:
       schedule: "30 3 * * *"                   # the worker runs `archsync reconcile` on this cron
       repair: false                            # … and re-emits commands for what drifted
+      ignore:                                  # columns not compared, per target table
+        archive.public.arc_item: [source_version]
 
 Cron expressions are checked with croniter.
 """
@@ -256,7 +258,14 @@ def parse_operations(r: _Reader, top: Mapping[str, Any], sources: Mapping[str, S
         raise r.fail((*keys, "scans"), "two scans share a name")
     if any(s.notify.todo for s in scans) and todo is None:
         raise r.fail((*keys, "todo"), "a scan asks for OA to-do rows (todo: true) but 'todo' names no table")
-    rc = r.mapping(top.get("reconcile") or {}, ("reconcile",), {"schedule", "repair"})
+    rc = r.mapping(top.get("reconcile") or {}, ("reconcile",), {"schedule", "repair", "ignore"})
+    ignore = r.get(rc, ("reconcile",), "ignore", dict, {}) or {}
+    for target, cols in ignore.items():
+        tm = TARGET.match(str(target))
+        if not tm or tm[1] not in sources:
+            raise r.fail(("reconcile", "ignore", str(target)), f"expected <system>.<schema>.<table>, got {target!r}")
+        if not isinstance(cols, list) or not all(isinstance(c, str) and COLUMN.match(c) for c in cols):
+            raise r.fail(("reconcile", "ignore", str(target)), "expected a list of column names")
     rschedule = rc.get("schedule")
     if rschedule is not None:
         check_cron(r, ("reconcile", "schedule"), rschedule)

@@ -96,7 +96,7 @@ def assess(report: StatusReport, limits: Thresholds) -> list[str]:
 def last_reconciliation(topology: Topology, settings: Settings) -> str:
     """When ``archsync reconcile`` last ran, if it records it (``never`` otherwise)."""
     try:
-        from archsync import reconcile  # type: ignore[attr-defined]  # issue 6: reconciliation
+        from archsync import reconcile  # issue 6: reconciliation (may not exist yet)
     except ImportError:
         return "never"
     reader = getattr(reconcile, "last_run", None)

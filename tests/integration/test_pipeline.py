@@ -398,3 +398,44 @@ def test_two_workers_share_the_work_and_survive_one_leaving(pipeline: Pipeline, 
         assert isinstance(second, subprocess.Popen)
     # both appliers were active at once: the second used its own numbered replication origin
     assert p.sql("archive", "SELECT 1 FROM pg_replication_origin WHERE roname = 'archsync_apply_archive_2'")
+
+
+def test_refused_write_is_recorded_on_the_conflicts_topic(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    """A flow writing a column the other side owns: the column is dropped, the rest applied, and
+    the conflict (both versions, the decision, the source event) lands on ``<prefix>.conflicts``."""
+    import orjson
+    import yaml
+
+    from processors.dead_letters import _consume_all
+
+    repo = Path(__file__).resolve().parents[2]
+    data = yaml.safe_load((repo / "topology" / "reference.yaml").read_text())
+    data["ownership"]["archive.public.arc_item"]["archive"].append("title")  # the archive owns titles here
+    base = tmp_path / "archive_owns_titles.yaml"
+    base.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    p = Pipeline(settings, unique, tmp_path, base=base)
+    try:
+        p.start()
+        form_no, fonds = f"C-{unique}", f"C{unique[:5]}"
+        approve(p, new_form(p, form_no, fonds, attachments=0))
+        item = p.wait_for(lambda: item_of(p, form_no), 60, "the archive item")
+        assert item["status"] == "RECEIVED"
+        title = p.sql("archive", "SELECT title FROM arc_item WHERE id = %s", (item["id"],))[0][0]
+        assert title is None  # refused; everything else written
+
+        def conflicts() -> list[dict]:
+            topic = f"{p.topology.topics.prefix}.conflicts"
+            found = [orjson.loads(m.value()) for m in _consume_all(settings, topic, f"t-{unique}", idle_seconds=1)]
+            return [c for c in found if c["match"].get("source_ref") == form_no]
+
+        found = p.wait_for(conflicts, 30, "the conflict record")
+        assert [(c["table"], c["column"], c["decision"]) for c in found] == [
+            ("archive.public.arc_item", "title", "rejected-not-owner")
+        ]
+        assert found[0]["incoming"] == f"claim {form_no}" and found[0]["current"] is None
+        assert found[0]["flow"] == "approved_form_to_item" and found[0]["source_event_id"].startswith("oa:")
+        assert "owner" in found[0]["reason"]
+    finally:
+        p.cleanup()

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from archsync.audit_cli import audit_group, record_admin_action
 from archsync.errors import ArchsyncError
 from archsync.logs import configure_logging
 from archsync.reconcile import COMMANDS as reconcile_commands
@@ -149,6 +150,7 @@ def topology_apply(ctx: Context) -> None:
     created = ensure_topics(ctx.settings.kafka_bootstrap, specs)
     click.echo(f"topics: {len(created)} created, {len(specs) - len(created)} already there")
     log.info("topology applied", extra={"topology": topology.name, "admin_action": True, "topics_created": created})
+    record_admin_action(ctx, "topology_applied", topology=topology.name, topics_created=created)
 
 
 @topology_group.command("show")
@@ -260,6 +262,7 @@ def dlq_replay(ctx: Context, stage: str) -> None:
     count = replay_dead_letters(ctx.topology(), ctx.settings, stage)
     click.echo(f"{count} dead letter(s) of stage {stage} re-driven")
     log.info("dead letters replayed", extra={"stage": stage, "count": count, "admin_action": True})
+    record_admin_action(ctx, "dlq_replayed", stage=stage, count=count)
 
 
 @cli.group()
@@ -326,11 +329,13 @@ def slots_drop(ctx: Context, source_name: str, yes: bool) -> None:
         forget_snapshots(conn, source.slot)
     click.echo(f"slot {source.slot}: {'dropped' if dropped else 'did not exist'}")
     log.info("slot dropped", extra={"source": source_name, "slot": source.slot, "admin_action": True})
+    record_admin_action(ctx, "slot_dropped", source=source_name, slot=source.slot, dropped=dropped)
 
 
 cli.add_command(status_command)
 for _command in reconcile_commands:  # reconcile, release, notify (archsync/reconcile.py)
     cli.add_command(_command)
+cli.add_command(audit_group)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ import yaml
 from archsync.errors import ArchsyncError
 
 if TYPE_CHECKING:
+    from topology.audit_config import AuditConfig
     from topology.flows import Aggregate, Flow, Ownership
     from topology.operations import Operations
 
@@ -91,6 +92,7 @@ class Topology:
     aggregates: Mapping[str, Aggregate] = field(default_factory=dict)
     ownership: Mapping[str, Ownership] = field(default_factory=dict)  # "<system>.<schema>.<table>" → owners
     flows: tuple[Flow, ...] = ()
+    audit: AuditConfig | None = None  # the audit log's settings (topology/audit_config.py)
     operations: Operations | None = None  # notifications, scans, reconcile schedule (topology/operations.py)
 
     def source(self, name: str) -> Source:
@@ -245,6 +247,7 @@ def parse_topology(text: str, path: str = "<memory>") -> Topology:
             "rules",
             "flows",
             "ownership",
+            "audit",
             "notifications",
             "reconcile",
         },
@@ -273,6 +276,9 @@ def parse_topology(text: str, path: str = "<memory>") -> Topology:
     from topology.flows import parse_flow_sections  # flows imports this module
 
     aggregates, ownership, flows = parse_flow_sections(r, top, sources)
+    from topology.audit_config import parse_audit
+
+    audit = parse_audit(r, top)
     from topology.operations import parse_operations
 
     operations = parse_operations(r, top, sources)
@@ -286,6 +292,7 @@ def parse_topology(text: str, path: str = "<memory>") -> Topology:
         aggregates=aggregates,
         ownership=ownership,
         flows=flows,
+        audit=audit,
         operations=operations,
     )
 

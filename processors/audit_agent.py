@@ -1,0 +1,286 @@
+"""The audit agent: chains audit facts per aggregate into the compacted audit log.
+
+Topics (``<prefix>`` from the topology):
+  ``<prefix>.audit.facts``  audit facts (JSON list of facts of one aggregate), keyed by aggregate
+  ``<prefix>.audit``        the audit log: Avro audit_event.v1 records keyed by audit id,
+                            ``cleanup.policy=compact``, no time or size retention
+  ``<prefix>.dlq.audit``    facts that could not be chained (malformed), with the reason
+
+The agents of processors/app.py call :class:`AuditHooks` (one line each); the CLI produces admin
+and fixity facts with :func:`connectors.audit_log.produce_facts`. Every producer partitions a
+fact by the murmur2 hash of its aggregate (:func:`fact_partition`, Kafka's default partitioner),
+so one aggregate's facts meet in one partition of the facts topic and one audit agent instance
+chains them. The agent writes each record to the SAME partition number of the audit topic: a
+chain lives in one partition, in order.
+
+State: the changelog-backed table ``audit_chains`` (aggregate → last seq, last hash, the last
+ids with their seq/prev_hash) survives restarts and rebalances; a redelivered fact re-produces
+its identical record (see processors/audit.py). With ``audit: {enabled: false}`` in the topology
+nothing is registered and the hooks do nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import faust
+import orjson
+from aiokafka.partitioner import murmur2
+
+from archsync import metrics
+from connectors.kafka_admin import TopicSpec
+from processors import audit
+from processors.model import ApplyCommand, Change
+from topology.audit_config import audit_config
+from topology.model import Topology
+
+log = logging.getLogger(__name__)
+
+AUDIT_TOPIC_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1", "retention.bytes": "-1"}
+SCHEMA_HEADER = ("schema", b"audit_event.v1")
+CHAINS_TABLE = "audit_chains"
+
+
+def audit_topics(topology: Topology) -> dict[str, str]:
+    prefix = topology.topics.prefix
+    return {"facts": f"{prefix}.audit.facts", "audit": f"{prefix}.audit", "dlq_audit": f"{prefix}.dlq.audit"}
+
+
+def audit_topic_specs(topology: Topology) -> list[TopicSpec]:
+    """The audit topics to create (none when the audit is switched off)."""
+    if not audit_config(topology).enabled:
+        return []
+    names = audit_topics(topology)
+    t = topology.topics
+    return [
+        TopicSpec(names["facts"], t.partitions, t.replication_factor),
+        TopicSpec(names["audit"], t.partitions, t.replication_factor, AUDIT_TOPIC_CONFIG),
+        TopicSpec(names["dlq_audit"], 1, t.replication_factor),
+    ]
+
+
+def chains_changelog_topic(topology: Topology, app_id: str | None = None) -> str:
+    """The changelog topic of the agent's chain table (the heads ``audit verify`` checks against)."""
+    return f"{app_id or default_app_id(topology)}-{CHAINS_TABLE}-changelog"
+
+
+def default_app_id(topology: Topology) -> str:
+    return f"archsync-{topology.name}-{topology.topics.prefix}"
+
+
+def fact_partition(aggregate: str, partitions: int) -> int:
+    """The partition of an aggregate's facts: Kafka's default (murmur2) partitioner."""
+    return (murmur2(aggregate.encode()) & 0x7FFFFFFF) % partitions
+
+
+def group_facts(facts: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    grouped: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for f in facts:
+        grouped[str(f["aggregate"])].append(f)
+    return grouped
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class AuditHooks:
+    """What the pipeline agents call to record audit facts (no-ops when the audit is off)."""
+
+    def __init__(self, topology: Topology, facts_topic: faust.TopicT | None) -> None:
+        self.topology = topology
+        self.topic = facts_topic
+        self.partitions = topology.topics.partitions
+
+    @property
+    def enabled(self) -> bool:
+        return self.topic is not None
+
+    async def emit(self, facts: Iterable[Mapping[str, Any]]) -> None:
+        if self.topic is None:
+            return
+        for aggregate, items in group_facts(facts).items():
+            await self.topic.send(
+                key=aggregate.encode(),
+                value=orjson.dumps(items),
+                partition=fact_partition(aggregate, self.partitions),
+            )
+
+    async def dead_letter(
+        self, stage: str, reason: str, *, origin: str, aggregate: str | None = None, **fields: Any
+    ) -> None:
+        """A record went to a dead-letter topic."""
+        if self.topic is None:
+            return
+        await self.emit(
+            [audit.dead_letter_fact(aggregate or f"dlq:{stage}", stage, reason, _now_ms(), origin=origin, **fields)]
+        )
+
+    async def transformed(
+        self, aggregate: str, change: Change, state: Any, result: Any, error: str | None = None
+    ) -> None:
+        """A change was applied to its aggregate's state (and transformed, unless ``error``)."""
+        if self.topic is None:
+            return
+        await self.emit(transform_facts(aggregate, change, state, result, error))
+
+    async def applied(self, system: str, commands: list[ApplyCommand], result: Any) -> None:
+        """An apply batch ran: one fact per command with its outcome, conflicts, failures."""
+        if self.topic is None:
+            return
+        await self.emit(apply_facts(commands, result, _now_ms()))
+
+
+def transform_facts(
+    aggregate: str, change: Change, state: Any, result: Any, error: str | None = None
+) -> list[dict[str, Any]]:
+    """The facts of one transformed change (pure): the captured change, the rules that fired,
+    conflicts and dead letters."""
+    after = None
+    if change.op != "d":
+        after = state.rows.get(change.table, {}).get(audit.canonical_json(dict(change.key or {})))
+        if after is None:
+            after = change.after
+    facts = [audit.change_fact(aggregate, change, state.previous, after)]
+    where = {"source_event_id": change.event_id, "table": change.table, "system": "transform"}
+    if error is not None:
+        facts.append(
+            audit.dead_letter_fact(
+                aggregate, "transform", error, change.commit_ts_ms or 0, origin=change.event_id, **where
+            )
+        )
+        return facts
+    by_flow: dict[str, list[ApplyCommand]] = defaultdict(list)
+    for cmd in result.commands:
+        by_flow[cmd.flow].append(cmd)
+    facts += [audit.rule_fact(aggregate, change, flow, cmds) for flow, cmds in by_flow.items()]
+    facts += [audit.conflict_fact(aggregate, c, "transform") for c in result.conflicts]
+    for reason, rejected in result.rejected:
+        facts.append(
+            audit.dead_letter_fact(
+                aggregate, "transform", reason, change.commit_ts_ms or 0, origin=rejected.event_id, **where
+            )
+        )
+    return facts
+
+
+def apply_facts(commands: list[ApplyCommand], result: Any, now_ms: int) -> list[dict[str, Any]]:
+    """The facts of one apply batch (pure)."""
+    reasons = {cmd.command_id: reason for cmd, reason in result.failed}
+    outcomes = getattr(result, "outcomes", None)
+    if not outcomes:  # an applier without per-command outcomes: failed or done
+        outcomes = [(cmd, "failed" if cmd.command_id in reasons else "done") for cmd in commands]
+    facts = [audit.command_fact(cmd, outcome, now_ms, reasons.get(cmd.command_id)) for cmd, outcome in outcomes]
+    for cmd, reason in result.failed:
+        facts.append(
+            audit.dead_letter_fact(
+                cmd.aggregate_key,
+                "apply",
+                reason,
+                now_ms,
+                origin=cmd.command_id,
+                command_id=cmd.command_id,
+                table=cmd.table,
+                source_event_id=cmd.source_event_id,
+                system="apply",
+            )
+        )
+    by_event = {(cmd.source_event_id, cmd.table.split(".")[-1]): cmd for cmd in commands}
+    by_event.update({(cmd.source_event_id, cmd.table): cmd for cmd in commands})
+    for conflict in result.conflicts:
+        cmd = by_event.get((conflict.source_event_id, conflict.table))
+        aggregate = cmd.aggregate_key if cmd is not None else f"conflicts:{conflict.table}"
+        facts.append(audit.conflict_fact(aggregate, conflict, "apply", cmd.command_id if cmd else None))
+    return facts
+
+
+def register_audit(app: faust.App, topology: Topology, settings: Any) -> AuditHooks:
+    """Register the audit agent (and its chain table) on the app; return the hooks for the agents."""
+    cfg = audit_config(topology)
+    if not cfg.enabled:
+        hooks = AuditHooks(topology, None)
+        app._archsync_audit = hooks  # type: ignore[attr-defined]
+        return hooks
+    names = audit_topics(topology)
+    partitions = topology.topics.partitions
+    facts_topic = app.topic(names["facts"], key_serializer="raw", value_serializer="raw", partitions=partitions)
+    log_topic = app.topic(names["audit"], key_serializer="raw", value_serializer="raw", partitions=partitions)
+    dlq = app.topic(names["dlq_audit"], key_serializer="raw", value_serializer="raw")
+    chains = app.Table(CHAINS_TABLE, default=None, partitions=partitions)
+    key = audit.audit_key()
+
+    @app.agent(facts_topic, name="audit")
+    async def audit_agent(stream: faust.StreamT) -> None:
+        """Chain each fact onto its aggregate's chain; write the record to the audit log."""
+        async for event in stream.events():
+            aggregate = event.key.decode() if event.key else ""
+            try:
+                items = orjson.loads(event.value)
+                facts = [audit.check_fact(x) for x in (items if isinstance(items, list) else [items])]
+                for f in facts:
+                    if f["aggregate"] != aggregate:
+                        raise audit.AuditError(f"fact of {f['aggregate']!r} keyed as {aggregate!r}")
+            except Exception as exc:  # noqa: BLE001 - a malformed fact must not stop the audit
+                metrics.DEAD_LETTERS.labels("audit", type(exc).__name__).inc()
+                await dlq.send(
+                    key=event.key,
+                    value=orjson.dumps(
+                        {
+                            "stage": "audit",
+                            "reason": f"{type(exc).__name__}: {exc}",
+                            "ts_ms": _now_ms(),
+                            "original": bytes(event.value or b"").decode("utf-8", "replace"),
+                            "topic": event.message.topic,
+                            "offset": event.message.offset,
+                        }
+                    ),
+                )
+                continue
+            partition = event.message.partition
+            state = audit.ChainState.from_dict(chains.get(aggregate))
+            for f in facts:
+                record, data, replayed = audit.append_encoded(state, f, key)
+                await log_topic.send(
+                    key=record["audit_id"].encode(), value=data, partition=partition, headers=[SCHEMA_HEADER]
+                )
+                if not replayed:
+                    metrics.AUDIT_EVENTS.labels(record["kind"]).inc()
+            chains[aggregate] = state.to_dict()
+
+    @app.timer(5.0)
+    async def audit_gauges() -> None:
+        values = list(chains.values())
+        metrics.AUDIT_CHAINS.set(len(values))
+        metrics.AUDIT_CHAIN_LENGTH.set(sum(int(v.get("seq", 0)) for v in values if v))
+
+    if cfg.fixity_interval_seconds > 0:
+
+        @app.timer(cfg.fixity_interval_seconds, on_leader=True)
+        async def fixity_job() -> None:
+            import asyncio
+
+            from processors.fixity import run_fixity
+
+            loop = asyncio.get_running_loop()
+            try:
+                report = await loop.run_in_executor(None, run_fixity, topology, settings)
+            except Exception:
+                log.exception("fixity run failed")
+                return
+            await AuditHooks(topology, facts_topic).emit(report.facts)
+
+    hooks = AuditHooks(topology, facts_topic)
+    app._archsync_audit = hooks  # type: ignore[attr-defined]
+    return hooks
+
+
+def hooks_for(app: faust.App) -> AuditHooks:
+    """The audit hooks registered on ``app`` by :func:`register_audit`."""
+    hooks = getattr(app, "_archsync_audit", None)
+    if hooks is None:
+        raise RuntimeError("register_audit() was not called for this app")
+    return hooks

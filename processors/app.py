@@ -108,7 +108,15 @@ def create_app(
     """Build the Faust app for a topology (agents registered, not started)."""
     from connectors.applier import Applier
     from processors.operations import WorkerOperations
-    from processors.transform import AggregateState, aggregate_key_of, apply_change, new_state, transform
+    from processors.transform import (
+        AggregateState,
+        aggregate_key_of,
+        apply_change,
+        is_replay_of_latest,
+        new_state,
+        replayable,
+        transform,
+    )
 
     names = pipeline_topics(topology)
     partitions = topology.topics.partitions
@@ -197,7 +205,7 @@ def create_app(
             # Kafka after a restart or rebalance is the same as one kept in memory
             stored = aggregates.get(key)
             state = AggregateState.from_dict(stored) if stored else new_state()
-            if not apply_change(state, change):
+            if not apply_change(state, change) and not is_replay_of_latest(state, change):
                 metrics.DEDUPE_HITS.labels("position").inc()
                 continue
             try:
@@ -209,7 +217,7 @@ def create_app(
                     value=dead_letter(
                         "transform",
                         f"{type(exc).__name__}: {exc}",
-                        event.value,
+                        replayable(change, state).to_json(),
                         topic=names["changes"],
                         event_id=change.event_id,
                     ),
@@ -229,7 +237,11 @@ def create_app(
                 await dlq_transform.send(
                     key=event.key,
                     value=dead_letter(
-                        "transform", reason, rejected.to_json(), topic=names["changes"], event_id=rejected.event_id
+                        "transform",
+                        reason,
+                        replayable(rejected, state).to_json(),
+                        topic=names["changes"],
+                        event_id=rejected.event_id,
                     ),
                 )
             await ops.after_transform(result)  # notifications, release markers

@@ -80,6 +80,7 @@ def replay_dead_letters(topology: Topology, settings: Settings, stage: str) -> i
             continue
         if stage == "transform":
             change = Change.from_json(original)
+            change.replayed = True
             producer.produce(names["changes"], value=change.to_json(), key=msg.key())
         else:
             cmd = ApplyCommand.from_json(original)

@@ -56,6 +56,7 @@ class Change:
     origin: str | None = None
     snapshot: bool = False
     unchanged: list[str] = field(default_factory=list)  # TOAST columns not sent (value unknown)
+    replayed: bool = False  # re-driven from the transform's dead letters (``archsync dlq replay``)
 
     @property
     def position(self) -> SourcePosition:

@@ -27,7 +27,7 @@ column's value must be one of the list (e.g. cancel an item only while it is not
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -171,6 +171,21 @@ def apply_change(state: AggregateState, change: Change) -> bool:
     state.previous = current
     state.positions[slot] = position
     return True
+
+
+def replayable(change: Change, state: AggregateState) -> Change:
+    """The change as its transform dead letter keeps it: with the before image the transform saw
+    (the stored row it replaced), so a replay after a fix evaluates ``changed()`` the same way."""
+    if change.before is not None or change.op in ("c", "r") or state.previous is None:
+        return change
+    return replace(change, before=dict(state.previous))
+
+
+def is_replay_of_latest(state: AggregateState, change: Change) -> bool:
+    """A dead letter re-driven by ``archsync dlq replay`` whose row has not changed since: the state
+    already holds it, and the flows run again. (A row changed since is superseded: not re-run.)"""
+    _, slot = _slot(change)
+    return change.replayed and state.positions.get(slot) == [change.commit_lsn, change.order]
 
 
 def _context(agg: Aggregate, state: AggregateState, change: Change) -> dict[str, Any]:

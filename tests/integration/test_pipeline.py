@@ -439,3 +439,65 @@ def test_refused_write_is_recorded_on_the_conflicts_topic(
         assert "owner" in found[0]["reason"]
     finally:
         p.cleanup()
+
+
+def test_rejected_change_is_dead_lettered_and_replayed_after_a_topology_fix(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    """A flow that cannot map a value (PAYMENT missing from a value map) dead-letters the change with
+    the reason; the stream goes on; after the topology is fixed and the worker restarted,
+    ``dlq replay --stage transform`` re-runs the flow and the item appears."""
+    import subprocess
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    fixed = yaml.safe_load((repo / "topology" / "reference.yaml").read_text())
+    flow = next(f for f in fixed["flows"] if f["name"] == "approved_form_to_item")
+    broken = yaml.safe_load((repo / "topology" / "reference.yaml").read_text())
+    next(f for f in broken["flows"] if f["name"] == "approved_form_to_item")["vars"]["category"] = (
+        "map(root.form_type, {'EXPENSE': 'VOUCHER', 'CONTRACT': 'OTHER'})"
+    )
+    base = tmp_path / "broken.yaml"
+    base.write_text(yaml.safe_dump(broken, sort_keys=False, allow_unicode=True))
+    p = Pipeline(settings, unique, tmp_path, base=base)
+    try:
+        p.start()
+        fonds = f"R{unique[:5]}"
+        approve(p, new_form(p, f"R-{unique}", fonds, form_type="PAYMENT", attachments=1))
+        approve(p, new_form(p, f"S-{unique}", fonds, attachments=0))
+        p.wait_for(lambda: item_of(p, f"S-{unique}"), 60, "the healthy form's item (the stream went on)")
+        assert item_of(p, f"R-{unique}") is None
+        cli = [str(repo / ".venv" / "bin" / "archsync"), "--topology", str(p.file)]
+        listing = p.wait_for(
+            lambda: (
+                (r := subprocess.run([*cli, "dlq", "list", "--stage", "transform"], capture_output=True, text=True,
+                                     env=p.env, timeout=60))
+                and "PAYMENT" in r.stdout
+                and r.stdout
+            ),
+            60,
+            "the dead letter",
+        )
+        assert "approved_form_to_item" in listing and "unknown value 'PAYMENT'" in listing
+        # the fix: the value map knows PAYMENT again; the worker restarts with it
+        assert p.worker is not None
+        p.worker.terminate()
+        p.worker.wait(60)
+        data = yaml.safe_load(p.file.read_text())
+        next(f for f in data["flows"] if f["name"] == "approved_form_to_item")["vars"] = flow["vars"]
+        p.file.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+        p.start_worker()
+        replay = subprocess.run(
+            [*cli, "dlq", "replay", "--stage", "transform"], capture_output=True, text=True, env=p.env, timeout=120
+        )
+        assert replay.returncode == 0, replay.stderr
+        item = p.wait_for(lambda: item_of(p, f"R-{unique}"), 90, "the replayed form's item")
+        assert item["retention_code"] == "Y30" and item["status"] == "RECEIVED"
+        assert p.wait_for(
+            lambda: p.sql("archive", "SELECT count(*) FROM arc_file WHERE item_id = %s", (item["id"],))[0][0] == 1,
+            30,
+            "its file",
+        )
+    finally:
+        p.cleanup()

@@ -49,7 +49,7 @@ class CronTicker:
         self.due = next_fire(cron, now)
 
     def tick(self, now: datetime | None = None) -> bool:
-        now = (now or datetime.now()).astimezone()
+        now = now if now is not None and now.tzinfo is not None else (now or datetime.now()).astimezone()
         if now < self.due:
             return False
         self.due = next_fire(self.cron, now)

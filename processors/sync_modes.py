@@ -84,7 +84,10 @@ def release_marker(flow: str, by: str) -> bytes:
 
 
 def _local(now: datetime | None) -> datetime:
-    return (now or datetime.now()).astimezone()
+    """``now`` as an aware time (cron fields are read in its zone; the local zone by default)."""
+    if now is None or now.tzinfo is None:
+        return (now or datetime.now()).astimezone()
+    return now
 
 
 def last_fire(cron: str, now: datetime | None = None) -> datetime:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -76,7 +77,10 @@ class Source:
     @property
     def lock_id(self) -> int:
         """The advisory-lock key that elects the active capture process of this source."""
-        return int.from_bytes(f"archsync:{self.slot}".encode()[:8].ljust(8, b"\0"), "big", signed=True)
+        # a digest of the whole slot name: the first 8 bytes alone were "archsync" for every slot,
+        # so all captures of a database cluster shared one lock (one streamed, the others stood by)
+        digest = hashlib.blake2b(f"archsync:{self.slot}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big", signed=True)
 
 
 @dataclass(frozen=True)

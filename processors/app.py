@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -337,5 +338,9 @@ def run_worker(topology: Topology, settings: Settings, loglevel: str = "warn") -
     """Run the pipeline until stopped (``archsync worker``)."""
     ensure_pipeline_topics(topology, settings)
     app = create_app(topology, settings)
+    # The event loop and the apply threads both do many short I/O waits; with the default 5 ms
+    # GIL switch interval a thread coming back from I/O waits for the other one's whole slice
+    # (the convoy effect), which cost more than the work itself.
+    sys.setswitchinterval(float(os.environ.get("ARCHSYNC_SWITCH_INTERVAL", "0.0005")))
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -197,9 +197,41 @@ class LagPoller(threading.Thread):
             self._stop_event.wait(self.interval)
 
 
+def initialise_worker_series(topology: Topology) -> None:
+    """Zero-valued series for the label sets known up front: a counter born at its first event
+    has no earlier sample, so rate() and increase() would miss that event (and alerts with it)."""
+    for target in topology.sources:
+        for outcome in ("applied", "skipped_replay", "skipped_older"):
+            metrics.APPLIED.labels(target, outcome)
+        metrics.APPLY_LATENCY.labels(target)
+        metrics.END_TO_END.labels(target)
+    for flow in topology.flows:
+        if flow.command is not None:
+            metrics.TRANSFORMED.labels(flow.name)
+            metrics.FLOW_LATENCY.labels(flow.name, flow.command.target_system)
+    metrics.DEAD_LETTERS.labels("apply", "failed")
+    metrics.DEAD_LETTERS.labels("transform", "rejected")
+    for stage in ("event_id", "position"):
+        metrics.DEDUPE_HITS.labels(stage)
+    for stage in DLQ_STAGES:
+        metrics.DLQ_MESSAGES.labels(stage)
+
+
+def initialise_capture_series(service: Any) -> None:
+    """Zero-valued capture series (see :func:`initialise_worker_series`)."""
+    name = service.name
+    for table in service.source.tables:
+        for op in ("c", "u", "d"):
+            metrics.CAPTURED_EVENTS.labels(name, table, op)
+    for origin in service.topology.appliers:
+        metrics.OWN_ORIGIN_SKIPPED.labels(name, origin)
+    metrics.HEARTBEATS.labels(name)
+
+
 def start_worker_observer(topology: Topology, settings: Settings) -> LagPoller:
     """Process health and the lag poller of ``archsync worker``."""
     mark_started("worker")
+    initialise_worker_series(topology)
     poller = LagPoller(topology, settings)
     poller.start()
     return poller
@@ -208,6 +240,7 @@ def start_worker_observer(topology: Topology, settings: Settings) -> LagPoller:
 def start_capture_observer(service: Any, interval: float = 2.0) -> threading.Thread:
     """Process health of ``archsync capture``: progress when the capture confirmed or heartbeated."""
     mark_started("capture")
+    initialise_capture_series(service)
 
     def watch() -> None:
         last: tuple[int, int, int] | None = None

@@ -159,7 +159,10 @@ def create_app(
         .tumbling(DEDUPE_WINDOW, expires=DEDUPE_EXPIRES)
         .relative_to_stream()
     )
-    aggregates = app.Table("aggregates", default=None, partitions=partitions)
+    # values are the state's own orjson bytes (faust's json codec was a large part of the cost)
+    aggregates = app.Table(
+        "aggregates", default=None, partitions=partitions, key_type=bytes, value_type=bytes
+    )
     codec = ChangeEventCodec()
 
     @app.agent(captured, name="normalise")
@@ -202,10 +205,10 @@ def create_app(
             key = event.key.decode()
             change = Change.from_json(event.value)
             started = time.perf_counter()
-            # the table holds plain JSON (what its changelog carries), so a state restored from
-            # Kafka after a restart or rebalance is the same as one kept in memory
-            stored = aggregates.get(key)
-            state = AggregateState.from_dict(stored) if stored else new_state()
+            # the table holds the state's JSON bytes (what its changelog carries), so a state restored
+            # from Kafka after a restart or rebalance is the same as one kept in memory
+            stored = aggregates.get(event.key)
+            state = AggregateState.from_json(stored) if stored else new_state()
             if not apply_change(state, change) and not is_replay_of_latest(state, change):
                 metrics.DEDUPE_HITS.labels("position").inc()
                 continue
@@ -223,10 +226,10 @@ def create_app(
                         event_id=change.event_id,
                     ),
                 )
-                aggregates[key] = state.to_dict()
+                aggregates[event.key] = state.to_json()
                 await audit.transformed(key, change, state, None, f"{type(exc).__name__}: {exc}")
                 continue
-            aggregates[key] = state.to_dict()
+            aggregates[event.key] = state.to_json()
             for cmd in result.commands:
                 metrics.TRANSFORMED.labels(cmd.flow).inc()
                 await ops.topic_for(cmd, apply_topics).send(key=cmd.aggregate_key.encode(), value=cmd.to_json())

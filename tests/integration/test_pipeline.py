@@ -234,7 +234,7 @@ def test_worker_killed_mid_run_and_apply_topic_replayed_change_nothing(pipeline:
     consumer.assign([TopicPartition(topic, tp, 0) for tp in range(2)])
     producer = Producer({"bootstrap.servers": p.settings.kafka_bootstrap, "enable.idempotence": True})
     copied = 0
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while copied < sum(ends.values()) and time.monotonic() < deadline:  # copy exactly what was there
         msg = consumer.poll(0.5)
         if msg is None or msg.error() or msg.offset() >= ends[msg.partition()]:
@@ -247,7 +247,7 @@ def test_worker_killed_mid_run_and_apply_topic_replayed_change_nothing(pipeline:
                 producer.poll(0.2)
         copied += 1
     consumer.close()
-    assert producer.flush(30) == 0 and copied >= 60
+    assert producer.flush(30) == 0 and copied >= 60, (copied, ends)
     time.sleep(8)
     assert archive_fingerprint(p, fonds) == before
 

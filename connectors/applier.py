@@ -399,6 +399,7 @@ class Applier:
         self._pending_guards = {}
         try:
             with self.conn.pipeline() if fast else nullcontext(), self.conn.transaction():
+                self._lock_rows(commands)
                 if fast:
                     self._batch_guards = self._prefetch_guards(commands)
                     for group in groups.values():
@@ -840,6 +841,26 @@ class Applier:
             (table, key),
         ).fetchall()
         return {r[0]: _Guard(r[0], r[1], r[2], r[3], r[4]) for r in rows}
+
+    def _lock_rows(self, commands: list[ApplyCommand]) -> None:
+        """Take a transaction-level advisory lock per target row of the batch, in one statement and
+        in a fixed order. Two appliers may briefly apply the same commands (a worker that lost its
+        partitions in a rebalance finishing its batch while the new owner starts): the second then
+        waits for the first to commit and finds its guard (a replay) instead of racing it to
+        insert the same new row. The guard rows cannot do this: a new row has none yet."""
+        keys = sorted(
+            {
+                "{}.{} {}".format(*qualified(cmd.table), target_key(cmd.match))
+                for cmd in commands
+                if cmd.action != "insert_once" and cmd.match
+            }
+        )
+        if keys:
+            self.conn.execute(
+                "SELECT count(pg_advisory_xact_lock(h)) FROM"
+                " (SELECT DISTINCT hashtextextended(k, 7314) AS h FROM unnest(%s::text[]) k ORDER BY 1) s",
+                (keys,),
+            )
 
     def _prefetch_guards(self, commands: list[ApplyCommand]) -> dict[tuple[str, str], dict[str, _Guard]]:
         """The guard rows of every target row the batch touches, read (and locked) in one query."""

@@ -753,3 +753,51 @@ def test_for_topology_runs_the_transform_commands(
     replay = applier.apply_batch([*approved, *cancelled])
     assert (replay.applied, replay.skipped) == (0, 2)
     assert rows(archive, "SELECT next_item_no FROM arc_code_sequence WHERE fonds_code = %s", items) == [(2,)]
+
+
+def test_two_appliers_applying_the_same_batch_at_once(
+    make_applier: Callable[..., Applier],
+    cmds: Commands,
+    items: str,
+    settings: Settings,
+    unique: str,
+    archive: psycopg.Connection[Any],
+) -> None:
+    """A rebalance can let two workers apply the same commands at the same time: the per-row locks
+    make one wait for the other, which then finds the guards (replays) — no duplicate-key failure,
+    no second archival number."""
+    import threading
+
+    first = make_applier()
+    origin = f"archsync_apply_archive_t{unique}_race"
+    second = Applier(settings.archive_dsn, "archive", origin=origin, setting="ARCHSYNC_ARCHIVE_DSN")
+    try:
+        batch = [
+            item_cmd(cmds, items, n, lsn=n + 1, archive_code={"$init": allocate(items)}, item_no={"$init": None})
+            for n in range(200)
+        ]
+        for cmd in batch:
+            del cmd.values["item_no"]
+        barrier = threading.Barrier(2)
+        results: dict[str, Any] = {}
+
+        def run(name: str, applier: Applier, commands: list[ApplyCommand]) -> None:
+            barrier.wait()
+            results[name] = applier.apply_batch(commands)
+
+        threads = [
+            threading.Thread(target=run, args=("first", first, batch)),
+            threading.Thread(target=run, args=("second", second, list(reversed(batch)))),
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert results["first"].failed == [] and results["second"].failed == []
+        assert results["first"].applied + results["second"].applied == 200
+        assert results["first"].skipped_replay + results["second"].skipped_replay == 200
+        numbers = rows(archive, "SELECT item_no FROM arc_item WHERE fonds_code = %s ORDER BY 1", items)
+        assert [n[0] for n in numbers] == list(range(1, 201))
+    finally:
+        second.close()
+        archive.execute("SELECT pg_replication_origin_drop(%s)", (origin,))

@@ -65,6 +65,15 @@ def rss_peak(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (from /proc; 0 when unknown)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def main() -> dict[str, object]:
     configure_logging("WARNING")
     rate = int(os.environ.get("BENCH_RATE", "1000"))
@@ -119,6 +128,7 @@ def main() -> dict[str, object]:
         progress(f"capacity phase: {burst} forms ({burst * CHANGES_PER_FORM} row changes) at once")
         base = items_done(p, tag)
         burst_tag_start = written
+        worker_cpu0, own_cpu0 = cpu_seconds(p.worker.pid), cpu_seconds(os.getpid())
         started = time.monotonic()
         chunk = 500
         for i in range(0, burst, chunk):
@@ -133,8 +143,11 @@ def main() -> dict[str, object]:
                 raise RuntimeError("the capacity phase did not drain within 10 minutes")
             time.sleep(0.2)
         drain = time.monotonic() - started
+        worker_cpu = cpu_seconds(p.worker.pid) - worker_cpu0
+        capture_cpu = cpu_seconds(os.getpid()) - own_cpu0  # both captures run in this process
         capacity = burst * CHANGES_PER_FORM / drain
         progress(f"capacity: {capacity:,.0f} row changes/s (written in {done_writing:.1f} s, drained in {drain:.1f} s)")
+        progress(f"CPU: worker {worker_cpu:.1f} s, captures + writer {capture_cpu:.1f} s")
         worker_rss = rss_peak(p.worker.pid)
         result = {
             "benchmark": "pipeline",
@@ -146,6 +159,9 @@ def main() -> dict[str, object]:
             "capacity_forms": burst,
             "capacity_drain_seconds": round(drain, 2),
             "worker_peak_rss_mib": round(worker_rss / 2**20, 1),
+            # CPU per row change: what bounds the rate on a machine whose cores are all busy
+            "worker_cpu_ms_per_row_change": round(worker_cpu * 1000 / (burst * CHANGES_PER_FORM), 3),
+            "capture_cpu_ms_per_row_change": round(capture_cpu * 1000 / (burst * CHANGES_PER_FORM), 3),
             "note": "row change = OA row change that flows; each form also produces 2 archive writes",
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

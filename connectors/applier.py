@@ -50,9 +50,9 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from archsync.errors import ArchsyncError
-from connectors.pgoutput import lsn_to_str
+from connectors.pgoutput import lsn_to_str, str_to_lsn
 from connectors.postgres import connect, first_line
-from processors.model import ApplyCommand, Conflict, json_default, to_jsonable
+from processors.model import ApplyCommand, Change, Conflict, json_default, to_jsonable
 
 if TYPE_CHECKING:
     from archsync.settings import Settings
@@ -116,6 +116,9 @@ class ApplyResult:
     progress_lsn: int | None = None  # the source LSN recorded as the origin's progress
     #: one entry per command: applied | skipped_replay | skipped_older | failed
     outcomes: list[tuple[ApplyCommand, str]] = field(default_factory=list)
+    #: rows written by ``echo`` commands, to be fed back as changes of the target (see :func:`echo_changes`)
+    echoes: list[Echo] = field(default_factory=list)
+    echo_lsn: int | None = None  # the target's WAL position just before the batch committed
 
     @property
     def skipped(self) -> int:
@@ -129,15 +132,28 @@ class ApplyResult:
         self.conflicts.extend(other.conflicts)
         self.failed.extend(other.failed)
         self.outcomes.extend(other.outcomes)
+        self.echoes.extend(other.echoes)
+
+
+@dataclass(frozen=True)
+class Echo:
+    """A row an ``echo`` command wrote (the whole row after the write)."""
+
+    command: ApplyCommand
+    table: str  # schema.table
+    op: str  # c (inserted) | u (updated) | r (read back for a replayed command)
+    key: dict[str, Any]  # primary key columns
+    row: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class TargetTable:
-    """A target table as the catalog shows it: ``schema.table`` and column → SQL type."""
+    """A target table as the catalog shows it: ``schema.table``, column → SQL type, primary key."""
 
     name: str
     ident: sql.Identifier
     columns: dict[str, str]
+    primary_key: tuple[str, ...] = ()
 
     def type_of(self, column: str) -> str:
         try:
@@ -409,10 +425,16 @@ class Applier:
                 else:
                     for group in groups.values():
                         result.merge(self._apply_group(group))
-                self.conn.execute(
-                    "SELECT pg_replication_origin_xact_setup(%s::pg_lsn, coalesce(%s::timestamptz, now()))",
+                done = self.conn.execute(
+                    "SELECT pg_replication_origin_xact_setup(%s::pg_lsn, coalesce(%s::timestamptz, now())),"
+                    " pg_current_wal_insert_lsn()::text",
                     (lsn_to_str(last.source_commit_lsn), ts),
                 )
+                if result.echoes:
+                    # before the commit, so below its commit LSN; rows written here stay locked until
+                    # then, so any later change to them commits at a greater LSN (echo order is safe)
+                    row = done.fetchone()
+                    result.echo_lsn = str_to_lsn(row[1]) if row else None
             if fast:
                 result.rows_affected += sum(max(cur.rowcount, 0) for cur in self._written)
         finally:
@@ -483,6 +505,8 @@ class Applier:
             if theirs == ours and mine.command_id == cmd.command_id:
                 out.skipped_replay += 1
                 out.outcomes.append((cmd, "skipped_replay"))
+                if cmd.echo:  # the first apply's echo may not have reached Kafka (a crash in between)
+                    self._echo(cmd, table, "r", {c: self._match_param(v, table, c) for c, v in cmd.match.items()}, out)
                 return
         others = [g for s, g in guards.items() if s != cmd.source_system]
         match = {c: self._match_param(v, table, c) for c, v in cmd.match.items()}
@@ -578,12 +602,17 @@ class Applier:
                         self._where(table, match),
                     ),
                 )
-                self._count(self.conn.execute(query, [*write.values(), *self._where_params(match)]), out)
+                cur = self.conn.execute(query, [*write.values(), *self._where_params(match)])
+                if cmd.echo:
+                    self._echo(cmd, table, "u", match, out)
+                self._count(cur, out)
         elif insert:
             row = {**match, **write}
             for col, value in init.items():
                 row.update(self._init_value(table, col, value))
             self._insert(table, row)
+            if cmd.echo:
+                self._echo(cmd, table, "c", match, out)
             out.rows_affected += 1
 
     def _insert_once(self, cmd: ApplyCommand, table: TargetTable, out: ApplyResult) -> None:
@@ -657,6 +686,21 @@ class Applier:
         )
         self.conn.execute(query, list(row.values()))
 
+    def _echo(self, cmd: ApplyCommand, table: TargetTable, op: str, match: dict[str, Any], out: ApplyResult) -> None:
+        """Read back the row ``cmd`` wrote (for ``echo`` commands) into ``out.echoes``."""
+        if not table.primary_key:
+            raise CommandError(f"echo needs a primary key on {table.name}")
+        query = self._cached(
+            ("echo", table.name, _shape(match)),
+            lambda: sql.SQL("SELECT * FROM {} WHERE {}").format(table.ident, self._where(table, match)),
+        )
+        cur = self.conn.execute(query, list(self._where_params(match)))
+        names = [d.name for d in cur.description or ()]
+        for values in cur.fetchall():
+            row = {n: to_jsonable(v) for n, v in zip(names, values, strict=True)}
+            key = {c: row[c] for c in table.primary_key}
+            out.echoes.append(Echo(cmd, table.name, op, key, row))
+
     def _cached(self, key: tuple[Any, ...], build: Callable[[], sql.Composable]) -> bytes:
         """The SQL text of a statement shape, composed once per applier (composition is costly)."""
         query = self._sql_cache.get(key)
@@ -685,7 +729,17 @@ class Applier:
         ).fetchall()
         if not rows:
             raise CommandError(f"table {schema}.{rel} does not exist in the {self.target} database")
-        table = TargetTable(f"{schema}.{rel}", sql.Identifier(schema, rel), {r[0]: r[1] for r in rows})
+        pk = self.conn.execute(
+            "SELECT a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+            " WHERE n.nspname = %s AND c.relname = %s AND i.indisprimary"
+            " ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            (schema, rel),
+        ).fetchall()
+        table = TargetTable(
+            f"{schema}.{rel}", sql.Identifier(schema, rel), {r[0]: r[1] for r in rows}, tuple(r[0] for r in pk)
+        )
         self._tables[name] = table
         return table
 
@@ -937,6 +991,34 @@ class Applier:
                 deleted,
             ),
         )
+
+
+def echo_changes(result: ApplyResult, system: str, origin: str) -> list[Change]:
+    """The rows ``echo`` commands wrote, as changes of ``system`` for its flows to see.
+
+    Their position is the target's WAL position read just before the batch committed, with the
+    echo's index as the order: a later real change of the same row commits above it, so the
+    transform state keeps the newer one. The capture never sends these rows (they are archsync's
+    own writes), so an echo is the only way the target's flows learn what the applier wrote."""
+    if not result.echoes or result.echo_lsn is None:
+        return []
+    now_ms = int(time.time() * 1000)
+    return [
+        Change(
+            event_id=f"{system}:echo:{result.echo_lsn}:{i}",
+            system=system,
+            table=echo.table,
+            op=echo.op,
+            key=echo.key,
+            before=None,
+            after=echo.row,
+            commit_lsn=result.echo_lsn,
+            order=i,
+            commit_ts_ms=now_ms,
+            origin=origin,
+        )
+        for i, echo in enumerate(result.echoes)
+    ]
 
 
 def _shape(match: Mapping[str, Any]) -> tuple[Any, ...]:

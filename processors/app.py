@@ -256,7 +256,7 @@ def create_app(
 
     for system in topology.sources:
         _register_applier(
-            app, topology, settings, system, apply_topics[system], conflicts, dlq_apply, batch_size, Applier
+            app, topology, settings, system, apply_topics[system], conflicts, dlq_apply, batch_size, Applier, changes
         )
     return app
 
@@ -271,7 +271,11 @@ def _register_applier(
     dlq_apply: faust.TopicT,
     batch_size: int,
     applier_cls: Any,
+    changes: faust.TopicT,
 ) -> None:
+    from connectors.applier import echo_changes
+    from processors.transform import aggregate_key_of
+
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"apply-{system}")
     state: dict[str, Any] = {}
 
@@ -324,6 +328,13 @@ def _register_applier(
                     ),
                 )
             await hooks_for(app).applied(system, commands, result)  # audit: each command's outcome
+            # rows of echo commands go back in as changes of this system (its flows see them);
+            # sent before the batch's offsets are committed; after a crash the replayed commands are
+            # skipped by their guards but still echo the row (op r), so no echo is lost
+            for change in echo_changes(result, system, state["applier"].origin):
+                target = aggregate_key_of(topology, change)
+                if target is not None:
+                    await changes.send(key=f"{target[0]}:{target[1]}".encode(), value=change.to_json())
 
     app.agent(topic, name=f"apply_{system}")(apply_agent)
 

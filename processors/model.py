@@ -101,6 +101,7 @@ class ApplyCommand:
     source_commit_ts_ms: int | None
     aggregate_key: str  # the target aggregate (Kafka key of the apply topic)
     txn_id: str = ""  # source transaction: commands of one transaction apply together
+    echo: bool = False  # feed the written row back as a change of the target (CommandSpec.echo)
 
     @property
     def position(self) -> SourcePosition:

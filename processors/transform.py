@@ -316,6 +316,7 @@ class _Emitter:
             source_commit_ts_ms=change.commit_ts_ms,
             aggregate_key=aggregate_key,
             txn_id=f"{change.system}:{change.commit_lsn}",
+            echo=spec.echo,
         )
         size = len(cmd.to_json())
         if size > MAX_COMMAND_BYTES:

@@ -81,6 +81,9 @@ class CommandSpec:
     for_each: Expression | None = None
     target_aggregate: Expression | None = None
     children: tuple[CommandSpec, ...] = ()
+    #: the row this command writes is fed back as a change of the target system, so that
+    #: system's flows see what the applier wrote (e.g. the archival code allocated on insert)
+    echo: bool = False
 
     @property
     def target(self) -> str:
@@ -243,7 +246,7 @@ def _parse_ownership(r: _Reader, raw: Any, sources: Mapping[str, Source]) -> dic
     return out
 
 
-_COMMAND_KEYS = {"to", "action", "match", "set", "init", "when", "for_each", "target_aggregate", "children"}
+_COMMAND_KEYS = {"to", "action", "match", "set", "init", "when", "for_each", "target_aggregate", "children", "echo"}
 
 
 def _parse_command(r: _Reader, keys: Keys, m: Mapping[str, Any], sources: Mapping[str, Source]) -> CommandSpec:
@@ -286,6 +289,7 @@ def _parse_command(r: _Reader, keys: Keys, m: Mapping[str, Any], sources: Mappin
         for_each=opt["for_each"],
         target_aggregate=opt["target_aggregate"],
         children=children,
+        echo=r.get(m, keys, "echo", bool, False),
     )
 
 

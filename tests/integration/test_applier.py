@@ -801,3 +801,38 @@ def test_two_appliers_applying_the_same_batch_at_once(
     finally:
         second.close()
         archive.execute("SELECT pg_replication_origin_drop(%s)", (origin,))
+
+
+def test_echo_commands_read_back_the_written_row(
+    make_applier: Callable[..., Applier], cmds: Commands, items: str
+) -> None:
+    """An echo command's row comes back whole (generated id, allocated code) as a change of the
+    target, positioned below the batch's commit; a replay echoes it again as a read (op r)."""
+    from connectors.applier import echo_changes
+
+    applier = make_applier()
+    cmd = item_cmd(cmds, items, 1, lsn=1, archive_code={"$init": allocate(items)}, status={"$init": "RECEIVED"})
+    cmd.echo = True
+    file_cmd = cmds(
+        "public.arc_file",
+        "upsert",
+        {"item_id": {"$lookup": {"table": "public.arc_item", "column": "id",
+                                 "where": {"source_system": "oa", "source_ref": f"{items}-1"}}}, "seq": 1},
+        {"file_name": "a.xml", "sha256": "ab" * 32},
+        lsn=1,
+        order=1,
+    )
+    result = applier.apply_batch([cmd, file_cmd])
+    assert (result.applied, result.failed) == (2, [])
+    [change] = echo_changes(result, "archive", applier.origin)
+    assert (change.system, change.table, change.op, change.origin) == (
+        "archive", "public.arc_item", "c", applier.origin
+    )
+    assert change.after is not None and change.key == {"id": change.after["id"]}
+    assert change.after["archive_code"] == f"{items}-KJ·2026·Y30-0001-0001" and change.after["status"] == "RECEIVED"
+    assert change.event_id.startswith("archive:echo:") and change.commit_lsn == result.echo_lsn
+    # a replay after a crash: skipped by the guard, the row echoed again as a read
+    replay = applier.apply_batch([cmd])
+    assert (replay.applied, replay.skipped_replay) == (0, 1)
+    [again] = echo_changes(replay, "archive", applier.origin)
+    assert again.op == "r" and again.after == change.after and again.commit_lsn > change.commit_lsn

@@ -91,6 +91,13 @@ def test_approved_form_is_archived_and_the_code_flows_back(pipeline: Pipeline, u
     )
     expected = {hashlib.sha256(f"{form_no}-{n}".encode()).hexdigest() for n in range(2)}
     assert {r[0] for r in files} == expected
+    # the item as the archive wrote it (its new code) is echoed back onto the OA form at once
+    p.wait_for(
+        lambda: p.sql("oa", "SELECT archive_code, archive_status FROM oa_form WHERE id = %s", (form_id,))
+        == [(item["archive_code"], "RECEIVED")],
+        60,
+        "the archival code on the OA form",
+    )
     # an archive clerk files the item: status and code flow back onto the OA form
     p.sql("archive", "UPDATE arc_item SET status = 'FILED', filed_at = now() WHERE id = %s", (item["id"],))
     back = p.wait_for(

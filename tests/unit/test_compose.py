@@ -326,7 +326,8 @@ def test_monitoring_mounts(services: dict[str, dict[str, Any]]) -> None:
 
 def test_prometheus_config(services: dict[str, dict[str, Any]]) -> None:
     config = _load(PROMETHEUS_FILE)
-    assert "/etc/prometheus/alerts.yml" in config["rule_files"]
+    # resolved next to prometheus.yml; docker-compose mounts both in /etc/prometheus
+    assert "alerts.yml" in config["rule_files"]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     targets = {t for sc in jobs["archsync"]["static_configs"] for t in sc["targets"]}
     long_running = ARCHSYNC_SERVICES - {"archsync-init"}
@@ -341,10 +342,14 @@ def test_alert_rules() -> None:
     config = yaml.safe_load(text)
     groups = config["groups"]
     assert isinstance(groups, list) and groups
-    assert groups[0]["name"] == "archsync"
+    by_name = {g["name"]: g for g in groups}
+    assert {"archsync", "archsync-recording"} <= set(by_name)
+    assert all("record" in r for r in by_name["archsync-recording"]["rules"])
     names = set()
     for group in groups:
         assert group["rules"], group["name"]
+        if group["name"] == "archsync-recording":
+            continue
         for rule in group["rules"]:
             assert isinstance(rule.get("alert"), str) and rule["alert"], rule
             assert isinstance(rule.get("expr"), str) and rule["expr"].strip(), rule
@@ -353,10 +358,10 @@ def test_alert_rules() -> None:
                 assert DURATION_RE.match(str(rule["for"])), rule
             names.add(rule["alert"])
     assert {"ArchsyncCaptureDown", "ArchsyncSlotLagHigh", "ArchsyncDeadLettersPresent"} <= names
-    rules = {rule["alert"]: rule for rule in groups[0]["rules"]}
-    assert 'up{job="archsync"} == 0' in rules["ArchsyncCaptureDown"]["expr"]
+    rules = {rule["alert"]: rule for rule in by_name["archsync"]["rules"]}
+    assert 'up{job="archsync", component="capture"} == 0' in rules["ArchsyncCaptureDown"]["expr"]
     assert "archsync_slot_lag_bytes" in rules["ArchsyncSlotLagHigh"]["expr"]
-    assert "archsync_dead_letters_total" in rules["ArchsyncDeadLettersPresent"]["expr"]
+    assert "archsync_dlq_messages" in rules["ArchsyncDeadLettersPresent"]["expr"]
 
 
 def test_grafana_provisioning(services: dict[str, dict[str, Any]]) -> None:

@@ -182,3 +182,11 @@ def test_errors_name_key_and_line(tail: str, needle: str) -> None:
         parse(HEAD + tail)
     assert needle in str(info.value)
     assert str(info.value).startswith("t.yaml:")
+
+
+def test_echo_is_read_per_command() -> None:
+    from topology.model import load_topology
+
+    flow = next(f for f in load_topology().flows if f.name == "approved_form_to_item")
+    assert flow.command is not None and flow.command.echo is True
+    assert [c.echo for c in flow.command.children] == [False]

@@ -248,7 +248,8 @@ def test_f3_revoked_approval_adds_correction_event(topo: Topology) -> None:
         "comment": "wrong payee",
         "acted_at": "2026-04-01T08:00:00+00:00",
     }
-    (cmd,) = run(topo, state, change("oa", "public.oa_approval_record", "c", rec)).commands
+    commands = run(topo, state, change("oa", "public.oa_approval_record", "c", rec)).commands
+    (cmd,) = [c for c in commands if c.flow != "approved_form_trail_to_item"]
     assert cmd.flow == "approval_revoked_to_event" and cmd.action == "insert_once"
     assert cmd.table == "public.arc_business_event" and cmd.match == {"event_key": "oa:approval:9"}
     v = cmd.values
@@ -268,7 +269,11 @@ def test_f3_other_actions_do_nothing(topo: Topology) -> None:
         "comment": None,
         "acted_at": "2026-04-01T08:00:00+00:00",
     }
-    assert run(topo, state, change("oa", "public.oa_approval_record", "c", rec)).commands == []
+    # only the pending item's metadata follows the trail (F1c); no business event
+    (cmd,) = run(topo, state, change("oa", "public.oa_approval_record", "c", rec)).commands
+    assert (cmd.flow, cmd.action, cmd.table) == ("approved_form_trail_to_item", "update", "public.arc_item")
+    assert cmd.match["status"] == {"$in": ["RECEIVED", "CHECKED", "CHECK_FAILED"]}
+    assert set(cmd.values) == {"metadata"} and cmd.values["metadata"]["approvals"][-1]["approver"] == "x"
 
 
 def test_f3_revoke_of_unknown_form_is_rejected(topo: Topology) -> None:

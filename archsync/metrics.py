@@ -71,6 +71,11 @@ END_TO_END = Histogram(
     ["target"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+APPLY_ISOLATED = Counter(
+    "archsync_apply_isolated_batches_total",
+    "Apply batches re-run group by group because a command of theirs could not be applied",
+    ["target"],
+)
 CONFLICTS = Counter("archsync_conflicts_total", "Conflicts recorded", ["table", "decision"])
 
 

@@ -119,6 +119,8 @@ class ApplyResult:
     #: rows written by ``echo`` commands, to be fed back as changes of the target (see :func:`echo_changes`)
     echoes: list[Echo] = field(default_factory=list)
     echo_lsn: int | None = None  # the target's WAL position just before the batch committed
+    #: the fast path failed and the batch was applied group by group (a command could not be applied)
+    isolated: bool = False
 
     @property
     def skipped(self) -> int:
@@ -396,7 +398,9 @@ class Applier:
                 "a command of the batch cannot be applied; applying it group by group: %s",
                 first_line(exc) if isinstance(exc, psycopg.Error) else exc,
             )
-        return self._run_batch(commands, fast=False)
+        result = self._run_batch(commands, fast=False)
+        result.isolated = True
+        return result
 
     def _run_batch(self, commands: list[ApplyCommand], *, fast: bool) -> ApplyResult:
         result = ApplyResult()
@@ -695,8 +699,9 @@ class Applier:
             lambda: sql.SQL("SELECT * FROM {} WHERE {}").format(table.ident, self._where(table, match)),
         )
         cur = self.conn.execute(query, list(self._where_params(match)))
+        found = cur.fetchall()  # first: in pipeline mode the description comes with the results
         names = [d.name for d in cur.description or ()]
-        for values in cur.fetchall():
+        for values in found:
             row = {n: to_jsonable(v) for n, v in zip(names, values, strict=True)}
             key = {c: row[c] for c in table.primary_key}
             out.echoes.append(Echo(cmd, table.name, op, key, row))

@@ -307,6 +307,8 @@ def _register_applier(
             started = time.perf_counter()
             result = await loop.run_in_executor(executor, apply, commands)
             metrics.APPLY_LATENCY.labels(system).observe(time.perf_counter() - started)
+            if result.isolated:
+                metrics.APPLY_ISOLATED.labels(system).inc()
             now_ms = time.time() * 1000
             for cmd in commands:
                 if cmd.source_commit_ts_ms:

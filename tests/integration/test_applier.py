@@ -67,6 +67,20 @@ class Commands:
         )
 
 
+@pytest.fixture(autouse=True)
+def fast_path_only_fails_for_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path may fall back to group-by-group application only when a command really
+    fails; a fallback with nothing failed means the fast path itself is broken."""
+    original = Applier.apply_batch
+
+    def checked(self: Applier, commands: Any) -> Any:
+        result = original(self, commands)
+        assert not (result.isolated and not result.failed), "fast path failed for no failing command"
+        return result
+
+    monkeypatch.setattr(Applier, "apply_batch", checked)
+
+
 @pytest.fixture
 def archive(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
     with connect(settings.archive_dsn, "ARCHSYNC_ARCHIVE_DSN", autocommit=True) as conn:
@@ -823,7 +837,7 @@ def test_echo_commands_read_back_the_written_row(
         order=1,
     )
     result = applier.apply_batch([cmd, file_cmd])
-    assert (result.applied, result.failed) == (2, [])
+    assert (result.applied, result.failed, result.isolated) == (2, [], False)
     [change] = echo_changes(result, "archive", applier.origin)
     assert (change.system, change.table, change.op, change.origin) == (
         "archive", "public.arc_item", "c", applier.origin
@@ -833,6 +847,6 @@ def test_echo_commands_read_back_the_written_row(
     assert change.event_id.startswith("archive:echo:") and change.commit_lsn == result.echo_lsn
     # a replay after a crash: skipped by the guard, the row echoed again as a read
     replay = applier.apply_batch([cmd])
-    assert (replay.applied, replay.skipped_replay) == (0, 1)
+    assert (replay.applied, replay.skipped_replay, replay.isolated) == (0, 1, False)
     [again] = echo_changes(replay, "archive", applier.origin)
     assert again.op == "r" and again.after == change.after and again.commit_lsn > change.commit_lsn

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import getpass
 import io
+import os
 import sys
 import time
 import uuid
@@ -138,32 +139,26 @@ def record_admin_action(ctx: Any, action: str, **detail: Any) -> None:
 # ------------------------------------------------------------------------------ verify
 
 
-def run_verify(ctx: Any, topic: str | None, heads: bool, progress: bool = True) -> Any:
+def default_jobs() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def run_verify(ctx: Any, topic: str | None, heads: bool, progress: bool = True, jobs: int | None = None) -> Any:
     """Verify the log (then the chain heads the agent recorded); returns the ChainVerifier."""
     from tqdm import tqdm
 
-    from connectors.audit_log import end_offsets, read_heads, read_log
-    from processors.audit import ChainVerifier, audit_key
+    from connectors.audit_log import end_offsets, read_heads, verify_topic
+    from processors.audit import audit_key
     from processors.audit_agent import chains_changelog_topic
 
     name = _topic(ctx, topic)
+    # the heads first: the log read afterwards must contain every one of them
+    recorded = read_heads(ctx.settings, chains_changelog_topic(ctx.topology())) if heads and topic is None else None
     total = sum(hi - lo for lo, hi in end_offsets(ctx.settings, name).values())
-    v = ChainVerifier(audit_key())
-    feed, tomb = v.feed_raw, v.tombstone
     with tqdm(total=total, unit="ev", unit_scale=True, disable=not progress, file=sys.stderr, mininterval=0.5) as bar:
-        n = 0
-        for r in read_log(ctx.settings, name):
-            key = r.key.decode("utf-8", "replace") if r.key is not None else None
-            if r.value is None:
-                tomb(r.topic, r.partition, r.offset, key or "?")
-            else:
-                feed(r.topic, r.partition, r.offset, r.value, key)
-            n += 1
-            if n % 10000 == 0:
-                bar.update(10000)
-        bar.update(n % 10000)
-    if heads and topic is None:
-        v.check_heads(read_heads(ctx.settings, chains_changelog_topic(ctx.topology())), name)
+        v = verify_topic(ctx.settings, name, audit_key(), jobs or default_jobs(), bar.update)
+    if recorded is not None:
+        v.check_heads(recorded, name)
     return v
 
 
@@ -181,14 +176,15 @@ def audit_group() -> None:
     help="Also compare each chain's end with the heads the audit agent recorded (its changelog).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--jobs", type=int, default=None, help="Partitions verified in parallel (default: CPUs, at most 4).")
 @click.pass_obj
-def verify_command(ctx: Any, topic: str | None, heads: bool, quiet: bool) -> None:
+def verify_command(ctx: Any, topic: str | None, heads: bool, quiet: bool, jobs: int | None) -> None:
     """Read the log from the beginning and check every chain; exit 0 only when intact."""
     started = time.perf_counter()
-    v = run_verify(ctx, topic, heads, not quiet)
+    v = run_verify(ctx, topic, heads, not quiet, jobs)
     if v.breaks and heads and topic is None and any(b.audit_id == "-" for b in v.breaks):
         time.sleep(3)  # the agent writes the record and its head separately: settle, then look again
-        v = run_verify(ctx, topic, heads, not quiet)
+        v = run_verify(ctx, topic, heads, not quiet, jobs)
     elapsed = time.perf_counter() - started
     for b in v.breaks:
         click.echo(f"BREAK {b}")

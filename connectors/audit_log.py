@@ -37,12 +37,17 @@ def produce_facts(settings: Settings, topology: Any, facts: Iterable[Mapping[str
     ensure_topics(settings.kafka_bootstrap, specs)
     topic = audit_topics(topology)["facts"]
     errors: list[Any] = []
+
+    def delivered(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(err)
+
     producer = Producer(
         {
             "bootstrap.servers": settings.kafka_bootstrap,
             "enable.idempotence": True,
             "acks": "all",
-            "on_delivery": lambda err, _msg: err is not None and errors.append(err),
+            "on_delivery": delivered,
         }
     )
     count = 0
@@ -90,11 +95,14 @@ def end_offsets(settings: Settings, topic: str) -> dict[int, tuple[int, int]]:
         consumer.close()
 
 
-def read_log(settings: Settings, topic: str, batch: int = 5000) -> Iterator[LogRecord]:
-    """Every record of ``topic`` from the beginning up to the end as of the call, partition by
-    partition interleaved as fetched (each partition in offset order)."""
+def read_messages(
+    settings: Settings, topic: str, partitions: Iterable[int] | None = None, batch: int = 5000
+) -> Iterator[list[Any]]:
+    """Batches of confluent-kafka messages of ``topic`` (or of some of its ``partitions``) from the
+    beginning up to the end as of the call; each partition in offset order."""
     marks = end_offsets(settings, topic)
-    remaining = {p: hi for p, (lo, hi) in marks.items() if hi > lo}
+    wanted = set(marks) if partitions is None else set(partitions) & set(marks)
+    remaining = {p: marks[p][1] for p in wanted if marks[p][1] > marks[p][0]}
     if not remaining:
         return
     consumer = _consumer(settings)
@@ -108,6 +116,7 @@ def read_log(settings: Settings, topic: str, batch: int = 5000) -> Iterator[LogR
                     raise ConfigError("audit", f"{topic}: no records for 30 s before the end offsets were reached")
                 continue
             idle = time.monotonic()
+            out = []
             for msg in msgs:
                 if msg.error():
                     continue
@@ -118,9 +127,11 @@ def read_log(settings: Settings, topic: str, batch: int = 5000) -> Iterator[LogR
                 if end is None:
                     continue
                 if off < end:
-                    yield LogRecord(topic, p, off, msg.key(), msg.value())
+                    out.append(msg)
                 if off >= end - 1:
                     del remaining[p]
+            if out:
+                yield out
             # a compacted partition may end below its high watermark (the last offsets removed)
             for p in list(remaining):
                 pos = consumer.position([TopicPartition(topic, p)])[0].offset
@@ -128,6 +139,14 @@ def read_log(settings: Settings, topic: str, batch: int = 5000) -> Iterator[LogR
                     del remaining[p]
     finally:
         consumer.close()
+
+
+def read_log(settings: Settings, topic: str, partitions: Iterable[int] | None = None) -> Iterator[LogRecord]:
+    """Every record of ``topic`` from the beginning up to the end as of the call (each partition
+    in offset order, partitions interleaved as fetched)."""
+    for msgs in read_messages(settings, topic, partitions):
+        for m in msgs:
+            yield LogRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value())
 
 
 def read_heads(settings: Settings, changelog_topic: str) -> dict[str, tuple[int, str]]:
@@ -149,3 +168,80 @@ def read_heads(settings: Settings, changelog_topic: str) -> dict[str, tuple[int,
         if isinstance(value, dict) and "seq" in value:
             heads[str(aggregate)] = (int(value["seq"]), str(value["hash"]))
     return heads
+
+
+# ------------------------------------------------------------------------------ verify
+
+_COUNTER: Any = None
+
+
+def _init_worker(counter: Any) -> None:
+    global _COUNTER
+    _COUNTER = counter
+
+
+def _count(n: int) -> None:
+    with _COUNTER.get_lock():
+        _COUNTER.value += n
+
+
+def verify_partitions(
+    settings: Settings, topic: str, partitions: list[int], key: bytes | None, progress: Any = None
+) -> Any:
+    """A ChainVerifier fed with every record of some partitions of ``topic``."""
+    from processors.audit import ChainVerifier
+
+    v = ChainVerifier(key)
+    feed, tomb = v.feed_raw, v.tombstone
+    for msgs in read_messages(settings, topic, partitions):
+        for m in msgs:
+            k = m.key()
+            ks = k.decode("utf-8", "replace") if k is not None else None
+            value = m.value()
+            if value is None:
+                tomb(topic, m.partition(), m.offset(), ks or "?")
+            else:
+                feed(topic, m.partition(), m.offset(), value, ks)
+        if progress is not None:
+            progress(len(msgs))
+    return v
+
+
+def _verify_job(args: tuple[Settings, str, list[int], bytes | None]) -> Any:
+    v = verify_partitions(*args, progress=_count)
+    v.compact()  # only the chain ends travel back
+    return v
+
+
+def verify_topic(settings: Settings, topic: str, key: bytes | None, jobs: int = 1, progress: Any = None) -> Any:
+    """Verify every chain of ``topic``; with ``jobs`` > 1 the partitions are verified in parallel
+    processes (a chain lives in one partition) and the results merged. ``progress(n)`` is called
+    with the number of records read since the last call."""
+    import multiprocessing
+
+    from processors.audit import ChainVerifier
+
+    parts = sorted(end_offsets(settings, topic))
+    jobs = max(1, min(jobs, len(parts)))
+    if jobs == 1:
+        return verify_partitions(settings, topic, parts, key, progress)
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("fork")
+    counter = ctx.Value("q", 0)
+    groups = [parts[i::jobs] for i in range(jobs)]
+    merged = ChainVerifier(key)
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool:
+        futures = [pool.submit(_verify_job, (settings, topic, g, key)) for g in groups]
+        seen = 0
+        while True:
+            _done, pending = wait(futures, timeout=0.5)
+            if progress is not None:
+                now = counter.value
+                progress(now - seen)
+                seen = now
+            if not pending:
+                break
+        for f in futures:
+            merged.merge(f.result())
+    return merged

@@ -36,7 +36,8 @@ FILE_TABLE = "public.arc_file"
 QUERY = """
 SELECT f.id, f.item_id, f.seq, f.file_name, f.sha256, f.size_bytes, f.storage_uri,
        CASE WHEN f.content IS NULL THEN NULL ELSE encode(sha256(f.content), 'hex') END,
-       octet_length(f.content)
+       octet_length(f.content),
+       (extract(epoch FROM f.updated_at) * 1000)::bigint
   FROM arc_file f
  WHERE f.id > %s
  ORDER BY f.id
@@ -55,6 +56,7 @@ class FileRow:
     storage_uri: str | None
     content_sha256: str | None
     content_size: int | None
+    updated_ms: int
 
 
 @dataclass(frozen=True)
@@ -122,12 +124,14 @@ def file_aggregate(topology: Topology) -> tuple[str, str, str]:
     raise TopologyError(f"{topology.path}: no source captures {FILE_TABLE}: nothing to check fixity of")
 
 
-def violation_fact(aggregate: str, v: Violation, ts_ms: int) -> dict[str, Any]:
+def violation_fact(aggregate: str, v: Violation) -> dict[str, Any]:
+    """A violation as an audit fact; deterministic (its time is the file row's last update, when
+    the bytes changed at the latest), so every run that finds it again yields the same event."""
     f = v.file
     return audit.fact(
         "fixity_violation",
         aggregate,
-        ts_ms,
+        f.updated_ms,
         audit.audit_id("fixity_violation", f.file_id, f.recorded_sha256, v.actual_sha256, v.actual_size),
         system="archive",
         actor="fixity",
@@ -178,7 +182,7 @@ def run_fixity(topology: Topology, settings: Any, progress: Callable[[int], None
                     metrics.FIXITY_VIOLATIONS.inc()
                     report.violations.append(result)
                     key = row.item_id if key_col != "id" else row.file_id
-                    report.facts.append(violation_fact(f"{agg_name}:{key}", result, report.started_ms))
+                    report.facts.append(violation_fact(f"{agg_name}:{key}", result))
             if progress is not None:
                 progress(1)
     report.facts.append(

@@ -156,6 +156,7 @@ def summarise(
         if (
             kind == "change_captured"
             and e.get("actor")
+            and ":echo:" not in str(e.get("source_event_id"))  # the applier's echo of its own write
             and any(str(e["actor"]) == o or str(e["actor"]).startswith(f"{o}_") for o in own)
         ):
             s.own_writes_recaptured += 1

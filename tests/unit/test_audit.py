@@ -175,3 +175,18 @@ def test_hand_written_encoder_matches_fastavro() -> None:
         assert c.decode(c.encode(r)) == r
     r = {**chained(facts())[0], "source_lsn": -5, "source_order": None}
     assert c.encode(r) == c.encode_fastavro(r)
+
+
+def test_report_counts_and_checks() -> None:
+    from processors.audit_report import render_html, summarise
+
+    events = chained(facts())
+    echo = {**events[0], "actor": "archsync_apply_archive", "source_event_id": "archive:echo:5:0"}
+    recaptured = {**events[0], "actor": "archsync_apply_archive_2", "source_event_id": "archive:0000000000000005:1"}
+    s = summarise([*events, echo], chains=1, breaks=[], appliers=["archsync_apply_archive"])
+    assert s.events == 4 and s.by_kind["change_captured"] == 4 and s.own_writes_recaptured == 0
+    assert [ok for _, ok, _ in s.checks()] == [True, True, True, True]
+    bad = summarise([*events, recaptured], chains=1, breaks=["x"], appliers=["archsync_apply_archive"])
+    assert [ok for _, ok, _ in bad.checks()] == [False, True, True, False]
+    page = render_html(s, title="t", topic="p.audit", generated_ms=0)
+    assert page.count("<svg") == 3 and "Authenticity" in page and ">4<" in page  # empty charts say "none"

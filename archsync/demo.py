@@ -26,6 +26,7 @@ from typing import Any
 import click
 from confluent_kafka import Consumer, TopicPartition
 
+from archsync.audit_cli import demo_audit_line
 from archsync.settings import Settings
 from connectors.capture import CaptureService
 from connectors.catalog import drop_slot, ensure_publication, forget_snapshots
@@ -367,5 +368,6 @@ def _simulate(
     click.echo(f"    borrowing round trips      {len(borrows)}")
     click.echo(f"    dead letters (all runs)    {dead}")
     click.echo(f"    OA approval → archive item {_percentiles(e2e)}")
+    click.echo(f"    audit log                  {demo_audit_line(settings, topology)}")  # issue 5
     click.echo(f"    both databases agree       {'yes' if agree else 'NO'}")
     return 0 if agree else 1

@@ -125,8 +125,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "target_events_per_s": 50_000,
         "build_and_produce_events_per_s": round(args.events / build_s),
         "machine": f"{platform.machine()} {platform.python_implementation()} {platform.python_version()}",
-        "note": "verify = archsync audit verify's reader and checks (read from the beginning, sha256 of every "
-        "record, chain links) on one core; build = the audit agent's chaining + Avro encoding.",
+        "note": (
+            "verify = archsync audit verify's reader and checks (read the compacted topic from the beginning, "
+            "sha256 of every record's stored bytes, chain links), jobs = partitions verified in parallel processes; "
+            "build = synthetic change facts + the audit agent's chaining and Avro encoding + produce (one process). "
+            "Shared 2-core machine: rounds vary."
+        ),
     }
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -94,8 +94,9 @@ class Summary:
             (
                 "Security",
                 self.own_writes_recaptured == 0,
-                f"{self.own_origin_skipped} own-origin transaction(s) skipped by the capture, "
-                f"{self.own_writes_recaptured} own write(s) re-captured; {self.accesses} recorded access(es) "
+                f"{self.outcomes.get('applied', 0)} write(s) by archsync's appliers under their replication "
+                f"origins (skipped by the capture: {self.own_writes_recaptured} re-captured), "
+                f"{self.own_origin_skipped} own-origin skip event(s); {self.accesses} recorded access(es) "
                 f"to the audit log; {sum(self.admin_actions.values())} admin action(s)",
             ),
         ]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from benchmarks import bench_applier, bench_capture, bench_pipeline
+from benchmarks import bench_applier, bench_audit, bench_capture, bench_pipeline
 
 
 def main() -> None:
     bench_capture.main()
     bench_applier.main()
     bench_pipeline.main()
+    bench_audit.main([])
 
 
 if __name__ == "__main__":

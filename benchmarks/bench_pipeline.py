@@ -21,10 +21,13 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from archsync.logs import configure_logging
 from archsync.settings import load_settings
-from tests.integration.pipeline_kit import Pipeline
+from tests.integration.pipeline_kit import REPO, Pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHANGES_PER_FORM = 4
@@ -74,108 +77,157 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def start_pipeline(settings: Any, unique: str, audit: bool) -> Pipeline:
+    """Both captures and a worker on the reference topology (audit on or off), ready."""
+    tmp = Path(tempfile.mkdtemp())
+    base = None
+    if not audit:
+        data = yaml.safe_load((REPO / "topology" / "reference.yaml").read_text())
+        data["audit"] = {**(data.get("audit") or {}), "enabled": False}
+        base = tmp / "no_audit.yaml"
+        base.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    p = Pipeline(settings, unique, tmp, base=base)
+    p.start()
+    from processors.app import READY_LINE
+
+    p.wait_for(lambda: READY_LINE in p.log.read_text(errors="replace"), 120, "worker ready")
+    return p
+
+
+def steady_phase(p: Pipeline, tag: str, rate: int, seconds: float) -> dict[str, object]:
+    """``rate`` row changes/s for ``seconds``: OA approval → archive item latency percentiles."""
+    forms_per_tick = max(1, rate // CHANGES_PER_FORM // 10)
+    progress(f"steady phase: {rate} row changes/s ({forms_per_tick} forms every 100 ms) for {seconds:.0f} s")
+    written = 0
+    stop_at = time.monotonic() + seconds
+    next_tick = time.monotonic()
+    while time.monotonic() < stop_at:
+        write_forms(p, tag, written, forms_per_tick)
+        written += forms_per_tick
+        next_tick += 0.1
+        time.sleep(max(0.0, next_tick - time.monotonic()))
+    actual_rate = written * CHANGES_PER_FORM / seconds
+    p.wait_for(lambda: items_done(p, tag) >= written, 600, "the steady phase to drain")
+    lat = [
+        float(r[0])
+        for r in p.sql(
+            "archive",
+            "SELECT extract(epoch FROM i.created_at) FROM arc_item i WHERE source_ref LIKE %s ORDER BY source_ref",
+            (f"B-{tag}-%",),
+        )
+    ]
+    appr = [
+        float(r[0])
+        for r in p.sql(
+            "oa",
+            "SELECT extract(epoch FROM approved_at) FROM oa_form WHERE form_no LIKE %s ORDER BY form_no",
+            (f"B-{tag}-%",),
+        )
+    ]
+    latencies = sorted(a - b for a, b in zip(lat, appr, strict=True))
+
+    def pct(q: float) -> float:
+        return round(latencies[min(len(latencies) - 1, round(q / 100 * (len(latencies) - 1)))] * 1000, 1)
+
+    progress(f"steady: p50 {pct(50)} ms, p95 {pct(95)} ms, p99 {pct(99)} ms over {len(latencies)} forms")
+    return {
+        "steady_target_rate": rate,
+        "steady_actual_rate": round(actual_rate),
+        "steady_forms": len(latencies),
+        "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99), "max": round(latencies[-1] * 1000, 1)},
+    }
+
+
+def capacity_phase(p: Pipeline, tag: str, start: int, burst: int) -> dict[str, float]:
+    """``burst`` forms written at once; the rate at which the pipeline drains them."""
+    assert p.worker is not None
+    progress(f"capacity phase: {burst} forms ({burst * CHANGES_PER_FORM} row changes) at once")
+    base = items_done(p, tag)
+    worker_cpu0, own_cpu0 = cpu_seconds(p.worker.pid), cpu_seconds(os.getpid())
+    started = time.monotonic()
+    chunk = 500
+    for i in range(0, burst, chunk):
+        write_forms(p, tag, start + i, min(chunk, burst - i))
+    done_writing = time.monotonic() - started
+    last = time.monotonic()
+    while items_done(p, tag) < base + burst:
+        if time.monotonic() - last > 5:
+            last = time.monotonic()
+            progress(f"... {items_done(p, tag) - base}/{burst} applied")
+        if time.monotonic() - started > 900:
+            raise RuntimeError("the capacity phase did not drain within 15 minutes")
+        time.sleep(0.2)
+    drain = time.monotonic() - started
+    worker_cpu = cpu_seconds(p.worker.pid) - worker_cpu0
+    capture_cpu = cpu_seconds(os.getpid()) - own_cpu0  # both captures run in this process
+    capacity = burst * CHANGES_PER_FORM / drain
+    progress(f"capacity: {capacity:,.0f} row changes/s (written in {done_writing:.1f} s, drained in {drain:.1f} s)")
+    progress(f"CPU: worker {worker_cpu:.1f} s, captures + writer {capture_cpu:.1f} s")
+    return {
+        "capacity": capacity,
+        "drain": drain,
+        # CPU per row change: what bounds the rate on a machine whose cores are all busy
+        "worker_cpu_ms": worker_cpu * 1000 / (burst * CHANGES_PER_FORM),
+        "capture_cpu_ms": capture_cpu * 1000 / (burst * CHANGES_PER_FORM),
+    }
+
+
+def cleanup(p: Pipeline, tag: str) -> None:
+    p.cleanup()
+    p.sql("oa", "DELETE FROM oa_form WHERE form_no LIKE %s", (f"B-{tag}-%",))
+    p.sql(
+        "archive",
+        "DELETE FROM arc_file WHERE item_id IN (SELECT id FROM arc_item WHERE source_ref LIKE %s)",
+        (f"B-{tag}-%",),
+    )
+    p.sql("archive", "DELETE FROM arc_item WHERE source_ref LIKE %s", (f"B-{tag}-%",))
+
+
 def main() -> dict[str, object]:
     configure_logging("WARNING")
     rate = int(os.environ.get("BENCH_RATE", "1000"))
     seconds = float(os.environ.get("BENCH_SECONDS", "30"))
     burst = int(os.environ.get("BENCH_BURST", "5000"))
     settings = load_settings()
-    unique = uuid.uuid4().hex[:8]
-    p = Pipeline(settings, unique, Path(tempfile.mkdtemp()))
-    tag = unique
-    result: dict[str, object] = {}
-    try:
-        progress("starting captures and a worker")
-        p.start()
-        from processors.app import READY_LINE
-
-        p.wait_for(lambda: READY_LINE in p.log.read_text(errors="replace"), 120, "worker ready")
-        forms_per_tick = max(1, rate // CHANGES_PER_FORM // 10)
-        progress(f"steady phase: {rate} row changes/s ({forms_per_tick} forms every 100 ms) for {seconds:.0f} s")
-        written = 0
-        stop_at = time.monotonic() + seconds
-        next_tick = time.monotonic()
-        while time.monotonic() < stop_at:
-            write_forms(p, tag, written, forms_per_tick)
-            written += forms_per_tick
-            next_tick += 0.1
-            time.sleep(max(0.0, next_tick - time.monotonic()))
-        actual_rate = written * CHANGES_PER_FORM / seconds
-        p.wait_for(lambda: items_done(p, tag) >= written, 300, "the steady phase to drain")
-        lat = [
-            float(r[0])
-            for r in p.sql(
-                "archive",
-                "SELECT extract(epoch FROM i.created_at) FROM arc_item i WHERE source_ref LIKE %s ORDER BY source_ref",
-                (f"B-{tag}-%",),
-            )
-        ]
-        appr = [
-            float(r[0])
-            for r in p.sql(
-                "oa",
-                "SELECT extract(epoch FROM approved_at) FROM oa_form WHERE form_no LIKE %s ORDER BY form_no",
-                (f"B-{tag}-%",),
-            )
-        ]
-        latencies = sorted(a - b for a, b in zip(lat, appr, strict=True))
-
-        def pct(q: float) -> float:
-            return round(latencies[min(len(latencies) - 1, round(q / 100 * (len(latencies) - 1)))] * 1000, 1)
-
-        progress(f"steady: p50 {pct(50)} ms, p95 {pct(95)} ms, p99 {pct(99)} ms over {len(latencies)} forms")
-        assert p.worker is not None
-        progress(f"capacity phase: {burst} forms ({burst * CHANGES_PER_FORM} row changes) at once")
-        base = items_done(p, tag)
-        burst_tag_start = written
-        worker_cpu0, own_cpu0 = cpu_seconds(p.worker.pid), cpu_seconds(os.getpid())
-        started = time.monotonic()
-        chunk = 500
-        for i in range(0, burst, chunk):
-            write_forms(p, tag, burst_tag_start + i, min(chunk, burst - i))
-        done_writing = time.monotonic() - started
-        last = time.monotonic()
-        while items_done(p, tag) < base + burst:
-            if time.monotonic() - last > 5:
-                last = time.monotonic()
-                progress(f"... {items_done(p, tag) - base}/{burst} applied")
-            if time.monotonic() - started > 600:
-                raise RuntimeError("the capacity phase did not drain within 10 minutes")
-            time.sleep(0.2)
-        drain = time.monotonic() - started
-        worker_cpu = cpu_seconds(p.worker.pid) - worker_cpu0
-        capture_cpu = cpu_seconds(os.getpid()) - own_cpu0  # both captures run in this process
-        capacity = burst * CHANGES_PER_FORM / drain
-        progress(f"capacity: {capacity:,.0f} row changes/s (written in {done_writing:.1f} s, drained in {drain:.1f} s)")
-        progress(f"CPU: worker {worker_cpu:.1f} s, captures + writer {capture_cpu:.1f} s")
-        worker_rss = rss_peak(p.worker.pid)
-        result = {
-            "benchmark": "pipeline",
-            "steady_target_rate": rate,
-            "steady_actual_rate": round(actual_rate),
-            "steady_forms": len(latencies),
-            "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99), "max": round(latencies[-1] * 1000, 1)},
-            "capacity_row_changes_per_second": round(capacity),
+    result: dict[str, object] = {"benchmark": "pipeline"}
+    runs: dict[bool, dict[str, float]] = {}
+    worker_rss = 0
+    for audit in (True, False):
+        unique = uuid.uuid4().hex[:8]
+        progress(f"starting captures and a worker (audit {'on' if audit else 'off'})")
+        p = start_pipeline(settings, unique, audit)
+        try:
+            start = 0
+            if audit:
+                result.update(steady_phase(p, unique, rate, seconds))
+                start = int(result["steady_forms"])  # type: ignore[call-overload]
+            runs[audit] = capacity_phase(p, unique, start, burst)
+            if audit:
+                assert p.worker is not None
+                worker_rss = rss_peak(p.worker.pid)
+        finally:
+            cleanup(p, unique)
+    on, off = runs[True], runs[False]
+    result.update(
+        {
+            "capacity_row_changes_per_second": round(on["capacity"]),
             "capacity_forms": burst,
-            "capacity_drain_seconds": round(drain, 2),
+            "capacity_drain_seconds": round(on["drain"], 2),
+            "capacity_without_audit_row_changes_per_second": round(off["capacity"]),
+            "audit_cost_percent": round(100 * (1 - on["capacity"] / off["capacity"]), 1),
+            "worker_cpu_ms_per_row_change": round(on["worker_cpu_ms"], 3),
+            "worker_cpu_ms_per_row_change_without_audit": round(off["worker_cpu_ms"], 3),
+            "capture_cpu_ms_per_row_change": round(on["capture_cpu_ms"], 3),
             "worker_peak_rss_mib": round(worker_rss / 2**20, 1),
-            # CPU per row change: what bounds the rate on a machine whose cores are all busy
-            "worker_cpu_ms_per_row_change": round(worker_cpu * 1000 / (burst * CHANGES_PER_FORM), 3),
-            "capture_cpu_ms_per_row_change": round(capture_cpu * 1000 / (burst * CHANGES_PER_FORM), 3),
-            "note": "row change = OA row change that flows; each form also produces 2 archive writes",
+            "note": "row change = OA row change that flows; each form also produces archive and OA write-backs",
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=2))
-        return result
-    finally:
-        p.cleanup()
-        p.sql("oa", "DELETE FROM oa_form WHERE form_no LIKE %s", (f"B-{tag}-%",))
-        p.sql("archive", "DELETE FROM arc_file WHERE item_id IN (SELECT id FROM arc_item WHERE source_ref LIKE %s)",
-              (f"B-{tag}-%",))
-        p.sql("archive", "DELETE FROM arc_item WHERE source_ref LIKE %s", (f"B-{tag}-%",))
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

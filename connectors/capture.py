@@ -243,7 +243,15 @@ class CaptureService:
         ]
         specs.append(TopicSpec(t.dead_letter_topic("capture"), 1, t.replication_factor, {}))
         specs.append(TopicSpec(t.heartbeat_topic(), 1, t.replication_factor, {"cleanup.policy": "compact"}))
+        if self._audit_facts_topic() is not None:  # the worker creates the rest of the audit topics
+            specs.append(TopicSpec(f"{t.prefix}.audit.facts", t.partitions, t.replication_factor, {}))
         return specs
+
+    def _audit_facts_topic(self) -> str | None:
+        """Where the capture records the own-origin transactions it skips (None: audit off)."""
+        from topology.audit_config import audit_config
+
+        return f"{self.topics.prefix}.audit.facts" if audit_config(self.topology).enabled else None
 
     # -- snapshots ----------------------------------------------------------------------
     def _snapshot_added(
@@ -407,6 +415,7 @@ class CaptureService:
         last_status = 0.0
         next_heartbeat = time.monotonic() + source.heartbeat_seconds
         heartbeat_topic = self.topics.heartbeat_topic()
+        facts_topic = self._audit_facts_topic()
         heartbeat_key = name.encode()
         counters: dict[tuple[str, str], Any] = {}
         confirmed_gauge = metrics.CONFIRMED_LSN.labels(name)
@@ -436,6 +445,11 @@ class CaptureService:
                         if out.records:
                             producer.send_batch(out, unit)
                             self._count(counters, out)
+                        if out.final and out.own_origin and facts_topic is not None:
+                            # the skip is audited; in the same unit, so the slot passes the
+                            # transaction only once Kafka has the fact
+                            key, value = own_origin_fact_message(name, out)
+                            producer.send_raw(facts_topic, key, value, unit)
                         tracker.seal(unit)
                         if out.final:
                             self.stats.transactions += 1
@@ -510,3 +524,15 @@ class CaptureService:
         for slot in catalog.list_slots(admin, self.source.slot):
             if slot.lag_bytes is not None:
                 metrics.SLOT_LAG.labels(self.name, slot.name).set(slot.lag_bytes)
+
+
+def own_origin_fact_message(system: str, batch: TransactionBatch) -> tuple[bytes, bytes]:
+    """The audit fact of a skipped own-origin transaction, as the worker's facts messages are
+    (key = aggregate, value = JSON list of facts; Kafka's default partitioner places it)."""
+    from processors.audit import own_origin_fact
+
+    tx = batch.tx
+    fact = own_origin_fact(
+        system, tx.origin or "", tx.commit_lsn, int(tx.commit_ts.timestamp() * 1000), batch.total or tx.order
+    )
+    return str(fact["aggregate"]).encode(), orjson.dumps([fact])

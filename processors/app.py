@@ -137,6 +137,10 @@ def create_app(
         # a few ms of linger lets aiokafka send one produce request for many records (per-record
         # requests were a third of the event loop's time)
         producer_linger=0.005,
+        # a worker that died (kill -9, lost machine) is noticed by the group after this long; until
+        # then its partitions wait (faust's default is 60 s)
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=1.0,
     )
 
     app.sensors.add(ReadySensor())

@@ -115,7 +115,11 @@ def test_audit_log_of_a_pipeline_run(pipeline: Pipeline, unique: str, tmp_path: 
 
     events = events_of(p)
     kinds = {e["kind"] for e in events}
-    assert {"change_captured", "rule_fired", "command_applied"} <= kinds
+    assert {"change_captured", "rule_fired", "command_applied", "own_origin_skipped"} <= kinds
+    # the captures skipped the appliers' own transactions, and said so
+    skips = [e for e in events if e["kind"] == "own_origin_skipped"]
+    assert {e["aggregate"] for e in skips} <= {"capture:oa", "capture:archive"}
+    assert all(e["actor"].startswith("archsync_apply_") for e in skips)
     # every command has its outcome recorded: items and files of 7 forms and the write-back. (A
     # batch applied just before the kill may be recorded as skipped_replay, by its redelivery.)
     done = {e["command_id"] for e in events if e["kind"] == "command_applied" and e["outcome"] != "failed"}

@@ -212,16 +212,23 @@ def capture(ctx: Context, source_name: str, metrics_port: int | None) -> None:
 @cli.command()
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
 @click.option("--loglevel", type=click.Choice(["crit", "error", "warn", "info", "debug"]), default="warn")
+@click.option(
+    "--role",
+    type=click.Choice(["all", "pipeline", "audit"]),
+    default="all",
+    show_default=True,
+    help="all agents; all but the audit agent; or the audit agent alone (scale them apart).",
+)
 @pass_ctx
-def worker(ctx: Context, metrics_port: int | None, loglevel: str) -> None:
-    """Run the processors (normalise, deduplicate, transform, apply) until stopped."""
+def worker(ctx: Context, metrics_port: int | None, loglevel: str, role: str) -> None:
+    """Run the processors (normalise, deduplicate, transform, apply, audit) until stopped."""
     from archsync.metrics import serve_metrics
     from archsync.observability import start_worker_observer
     from processors.app import run_worker
 
     serve_metrics(metrics_port if metrics_port is not None else ctx.settings.metrics_port)
     start_worker_observer(ctx.topology(), ctx.settings)
-    run_worker(ctx.topology(), ctx.settings, loglevel)
+    run_worker(ctx.topology(), ctx.settings, loglevel, role)
 
 
 @cli.group()

@@ -103,29 +103,15 @@ class ReadySensor(faust.Sensor):
         print(READY_LINE, file=sys.stderr, flush=True)
 
 
-def create_app(
-    topology: Topology, settings: Settings, *, app_id: str | None = None, batch_size: int = 500
-) -> faust.App:
-    """Build the Faust app for a topology (agents registered, not started)."""
-    from connectors.applier import Applier
-    from processors.operations import WorkerOperations
-    from processors.transform import (
-        AggregateState,
-        aggregate_key_of,
-        apply_change,
-        is_replay_of_latest,
-        new_state,
-        replayable,
-        transform,
-    )
+WORKER_ROLES = ("all", "pipeline", "audit")
 
-    names = pipeline_topics(topology)
-    partitions = topology.topics.partitions
+
+def _new_app(app_id: str, topology: Topology, settings: Settings) -> faust.App:
     app = faust.App(
-        app_id or f"archsync-{topology.name}-{topology.topics.prefix}",
+        app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
-        topic_partitions=partitions,
+        topic_partitions=topology.topics.partitions,
         topic_replication_factor=topology.topics.replication_factor,
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
@@ -142,8 +128,43 @@ def create_app(
         broker_session_timeout=10.0,
         broker_heartbeat_interval=1.0,
     )
-
     app.sensors.add(ReadySensor())
+    return app
+
+
+def create_audit_app(topology: Topology, settings: Settings, *, app_id: str | None = None) -> faust.App:
+    """The audit agent alone, in its own consumer group (``archsync worker --role audit``): it
+    chains the facts the pipeline workers send, on its own processes and cores."""
+    app = _new_app(app_id or f"archsync-{topology.name}-{topology.topics.prefix}-audit", topology, settings)
+    register_audit(app, topology, settings)
+    return app
+
+
+def create_app(
+    topology: Topology,
+    settings: Settings,
+    *,
+    app_id: str | None = None,
+    batch_size: int = 500,
+    audit_agent: bool = True,
+) -> faust.App:
+    """Build the Faust app for a topology (agents registered, not started). With
+    ``audit_agent=False`` the agents still record audit facts, for a separate audit worker."""
+    from connectors.applier import Applier
+    from processors.operations import WorkerOperations
+    from processors.transform import (
+        AggregateState,
+        aggregate_key_of,
+        apply_change,
+        is_replay_of_latest,
+        new_state,
+        replayable,
+        transform,
+    )
+
+    names = pipeline_topics(topology)
+    partitions = topology.topics.partitions
+    app = _new_app(app_id or f"archsync-{topology.name}-{topology.topics.prefix}", topology, settings)
 
     def raw_topic(*topic_names: str, **kw: Any) -> faust.TopicT:
         return app.topic(*topic_names, key_serializer="raw", value_serializer="raw", **kw)
@@ -156,7 +177,8 @@ def create_app(
     dlq_apply = raw_topic(names["dlq_apply"])
     apply_topics = {system: raw_topic(names[f"apply_{system}"], partitions=partitions) for system in topology.sources}
     ops = WorkerOperations(app, topology, settings, raw_topic)  # sync modes, notifications, schedules
-    audit = register_audit(app, topology, settings)  # the audit agent; hooks below record audit facts
+    # the audit agent (unless it runs in its own worker); the hooks below record audit facts
+    audit = register_audit(app, topology, settings, agent=audit_agent)
 
     dedupe = (
         app.Table("dedupe", default=int, partitions=partitions)
@@ -354,10 +376,16 @@ def applier_origin(topology: Topology, system: str) -> str:
     return f"archsync_apply_{system}"
 
 
-def run_worker(topology: Topology, settings: Settings, loglevel: str = "warn") -> None:
-    """Run the pipeline until stopped (``archsync worker``)."""
+def run_worker(topology: Topology, settings: Settings, loglevel: str = "warn", role: str = "all") -> None:
+    """Run the pipeline until stopped (``archsync worker``). ``role``: ``all`` (every agent),
+    ``pipeline`` (all but the audit agent) or ``audit`` (the audit agent alone)."""
+    if role not in WORKER_ROLES:
+        raise ValueError(f"unknown worker role {role!r} (expected one of {', '.join(WORKER_ROLES)})")
     ensure_pipeline_topics(topology, settings)
-    app = create_app(topology, settings)
+    if role == "audit":
+        app = create_audit_app(topology, settings)
+    else:
+        app = create_app(topology, settings, audit_agent=role == "all")
     # The event loop and the apply threads both do many short I/O waits; with the default 5 ms
     # GIL switch interval a thread coming back from I/O waits for the other one's whole slice
     # (the convoy effect), which cost more than the work itself.

@@ -198,8 +198,9 @@ def apply_facts(commands: list[ApplyCommand], result: Any, now_ms: int) -> list[
     return facts
 
 
-def register_audit(app: faust.App, topology: Topology, settings: Any) -> AuditHooks:
-    """Register the audit agent (and its chain table) on the app; return the hooks for the agents."""
+def register_audit(app: faust.App, topology: Topology, settings: Any, *, agent: bool = True) -> AuditHooks:
+    """Register the audit agent (and its chain table) on the app; return the hooks for the agents.
+    With ``agent=False`` only the hooks (facts are chained by a separate ``--role audit`` worker)."""
     cfg = audit_config(topology)
     if not cfg.enabled:
         hooks = AuditHooks(topology, None)
@@ -208,11 +209,17 @@ def register_audit(app: faust.App, topology: Topology, settings: Any) -> AuditHo
     names = audit_topics(topology)
     partitions = topology.topics.partitions
     facts_topic = app.topic(names["facts"], key_serializer="raw", value_serializer="raw", partitions=partitions)
+    if not agent:
+        hooks = AuditHooks(topology, facts_topic)
+        app._archsync_audit = hooks  # type: ignore[attr-defined]
+        return hooks
     log_topic = app.topic(names["audit"], key_serializer="raw", value_serializer="raw", partitions=partitions)
     dlq = app.topic(names["dlq_audit"], key_serializer="raw", value_serializer="raw")
     # keys are the aggregate as a JSON string and values the chain state's JSON, as faust's json
     # codec wrote them (``audit verify`` reads the heads from the changelog), but encoded by orjson
     chains = app.Table(CHAINS_TABLE, default=None, partitions=partitions, key_type=bytes, value_type=bytes)
+    # one changelog name whichever worker runs the agent (`audit verify` reads the heads from it)
+    chains._changelog_topic_name = lambda: chains_changelog_topic(topology)  # type: ignore[method-assign]
     key = audit.audit_key()
 
     @app.agent(facts_topic, name="audit")

@@ -55,6 +55,8 @@ class Pipeline:
         self.captures = {name: CaptureService(self.topology, name, settings) for name in self.topology.sources}
         self.threads: list[threading.Thread] = []
         self.worker: subprocess.Popen[bytes] | None = None
+        self.worker_role = "all"  # "pipeline" with a separate audit worker (start_audit_worker)
+        self.audit_worker: subprocess.Popen[bytes] | None = None
         self.env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"}
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -75,8 +77,21 @@ class Pipeline:
         self.worker = subprocess.Popen(
             [
                 str(REPO / ".venv" / "bin" / "archsync"),
-                *("--topology", str(self.file), "worker", "--loglevel", "info"),
+                *("--topology", str(self.file), "worker", "--loglevel", "info", "--role", self.worker_role),
                 *(("--metrics-port", str(self.metrics_port)) if self.metrics_port else ()),
+            ],
+            stdout=handle,
+            stderr=handle,
+            env=self.env,
+        )
+
+    def start_audit_worker(self) -> None:
+        """The audit agent in its own process (with ``worker_role = "pipeline"`` for the other)."""
+        handle = (self.log.parent / "audit-worker.log").open("ab")
+        self.audit_worker = subprocess.Popen(
+            [
+                str(REPO / ".venv" / "bin" / "archsync"),
+                *("--topology", str(self.file), "worker", "--loglevel", "info", "--role", "audit"),
             ],
             stdout=handle,
             stderr=handle,
@@ -89,12 +104,13 @@ class Pipeline:
         self.worker.wait(30)
 
     def stop(self) -> None:
-        if self.worker is not None and self.worker.poll() is None:
-            self.worker.terminate()
-            try:
-                self.worker.wait(30)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
+        for proc in (self.worker, self.audit_worker):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
         for svc in self.captures.values():
             svc.stop()
         for th in self.threads:

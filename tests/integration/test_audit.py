@@ -276,3 +276,30 @@ def test_tampering_is_detected_and_located(settings: Settings, unique: str, tmp_
         from connectors.kafka_admin import delete_topics
 
         delete_topics(settings.kafka_bootstrap, [f"p{unique}.audit.{n}" for n in (*cases, "intact")])
+
+
+def test_audit_agent_in_its_own_worker(settings: Settings, unique: str, tmp_path: Path) -> None:
+    """`worker --role pipeline` + `worker --role audit`: the pipeline workers only send facts, the
+    audit worker (its own consumer group) chains them; the log verifies against its heads."""
+    p = Pipeline(settings, unique, tmp_path)
+    p.worker_role = "pipeline"
+    try:
+        p.start()
+        p.start_audit_worker()
+        form_no = f"AS-{unique}"
+        approve(p, new_form(p, form_no, f"A{unique[:5]}", attachments=1))
+        item = p.wait_for(lambda: item_of(p, form_no), 60, "the archive item")
+
+        def chained() -> list[dict[str, Any]]:
+            events = events_of(p)
+            done = [e for e in events if e["kind"] == "command_applied" and e["aggregate"] == f"oa:{form_no}"]
+            return events if len(done) >= 2 else []
+
+        events = p.wait_for(chained, 90, "the item's and its file's applied commands in the audit log")
+        assert {"change_captured", "rule_fired", "command_applied"} <= {e["kind"] for e in events}
+        verified = run(p, "audit", "verify", "--quiet")
+        assert verified.exit_code == 0 and "INTACT" in verified.output, verified.output
+        assert item["archive_code"]
+        assert "audit_chains" not in (tmp_path / "worker.log").read_text()  # the pipeline worker chains nothing
+    finally:
+        p.cleanup()

@@ -8,7 +8,10 @@ status → APPROVED), which the pipeline turns into an archive item and its file
    latency per form = arc_item.created_at − the OA approval's commit (both on this machine's clock).
 2. capacity: ``BENCH_BURST`` forms (default 5,000) written at once; the rate at which the
    pipeline drains them is the highest sustained rate (beyond it lag grows).
-Peak RSS of the worker process from /proc. Results: benchmarks/results/pipeline.json.
+3. the capacity phase again with the audit agent in a worker of its own (``--role audit``), and
+   with the audit switched off: the audit's cost on throughput, measured in the same run.
+Peak RSS of the worker process and CPU seconds per row change from /proc.
+Results: benchmarks/results/pipeline.json.
 """
 
 from __future__ import annotations
@@ -77,17 +80,25 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def start_pipeline(settings: Any, unique: str, audit: bool) -> Pipeline:
-    """Both captures and a worker on the reference topology (audit on or off), ready."""
+AUDIT_MODES = ("in-worker", "separate", "off")
+
+
+def start_pipeline(settings: Any, unique: str, audit: str) -> Pipeline:
+    """Both captures and a worker on the reference topology, ready. ``audit``: the audit agent in
+    the worker, in a worker of its own (``--role audit``), or switched off."""
     tmp = Path(tempfile.mkdtemp())
     base = None
-    if not audit:
+    if audit == "off":
         data = yaml.safe_load((REPO / "topology" / "reference.yaml").read_text())
         data["audit"] = {**(data.get("audit") or {}), "enabled": False}
         base = tmp / "no_audit.yaml"
         base.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     p = Pipeline(settings, unique, tmp, base=base)
+    if audit == "separate":
+        p.worker_role = "pipeline"
     p.start()
+    if audit == "separate":
+        p.start_audit_worker()
     from processors.app import READY_LINE
 
     p.wait_for(lambda: READY_LINE in p.log.read_text(errors="replace"), 120, "worker ready")
@@ -190,24 +201,24 @@ def main() -> dict[str, object]:
     burst = int(os.environ.get("BENCH_BURST", "5000"))
     settings = load_settings()
     result: dict[str, object] = {"benchmark": "pipeline"}
-    runs: dict[bool, dict[str, float]] = {}
+    runs: dict[str, dict[str, float]] = {}
     worker_rss = 0
-    for audit in (True, False):
+    for audit in AUDIT_MODES:
         unique = uuid.uuid4().hex[:8]
-        progress(f"starting captures and a worker (audit {'on' if audit else 'off'})")
+        progress(f"starting captures and a worker (audit: {audit})")
         p = start_pipeline(settings, unique, audit)
         try:
             start = 0
-            if audit:
+            if audit == "in-worker":
                 result.update(steady_phase(p, unique, rate, seconds))
                 start = int(result["steady_forms"])  # type: ignore[call-overload]
             runs[audit] = capacity_phase(p, unique, start, burst)
-            if audit:
+            if audit == "in-worker":
                 assert p.worker is not None
                 worker_rss = rss_peak(p.worker.pid)
         finally:
             cleanup(p, unique)
-    on, off = runs[True], runs[False]
+    on, split, off = runs["in-worker"], runs["separate"], runs["off"]
     result.update(
         {
             "capacity_row_changes_per_second": round(on["capacity"]),
@@ -215,6 +226,9 @@ def main() -> dict[str, object]:
             "capacity_drain_seconds": round(on["drain"], 2),
             "capacity_without_audit_row_changes_per_second": round(off["capacity"]),
             "audit_cost_percent": round(100 * (1 - on["capacity"] / off["capacity"]), 1),
+            "capacity_audit_worker_apart_row_changes_per_second": round(split["capacity"]),
+            "audit_cost_percent_audit_worker_apart": round(100 * (1 - split["capacity"] / off["capacity"]), 1),
+            "pipeline_worker_cpu_ms_per_row_change_audit_worker_apart": round(split["worker_cpu_ms"], 3),
             "worker_cpu_ms_per_row_change": round(on["worker_cpu_ms"], 3),
             "worker_cpu_ms_per_row_change_without_audit": round(off["worker_cpu_ms"], 3),
             "capture_cpu_ms_per_row_change": round(on["capture_cpu_ms"], 3),

@@ -37,7 +37,7 @@ apt_updated=0
 apt_install() {
   if [ $apt_updated = 0 ]; then as_root apt-get update -qq >/dev/null; apt_updated=1; fi
   log "installing $* from Debian's packages"
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq ${APT_OPTS:-} "$@" >/dev/null
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -47,7 +47,7 @@ ensure_packages() {
   command -v pg_createcluster >/dev/null || apt_install postgresql-common
   command -v java >/dev/null || apt_install openjdk-17-jre-headless
   command -v mvn >/dev/null || apt_install maven
-  command -v prometheus >/dev/null || apt_install prometheus
+  command -v prometheus >/dev/null || APT_OPTS=--no-install-recommends apt_install prometheus  # no node exporter
 }
 
 # ---------------------------------------------------------------- PostgreSQL

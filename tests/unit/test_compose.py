@@ -68,7 +68,7 @@ DEPENDS_CONDITIONS = {"service_started", "service_healthy", "service_completed_s
 RESTART_POLICIES = {"no", "always", "on-failure", "unless-stopped"}
 PORT_RE = re.compile(r"^(?:\d{1,3}(?:\.\d{1,3}){3}:)?(\d{1,5}):(\d{1,5})(?:/(?:tcp|udp))?$")
 DURATION_RE = re.compile(r"^(\d+(ms|s|m|h))+$")
-ARCHSYNC_SERVICES = {"archsync-init", "capture-oa", "capture-archive", "worker"}
+ARCHSYNC_SERVICES = {"archsync-init", "capture-oa", "capture-archive", "worker", "audit-worker"}
 PLACEHOLDER_RE = re.compile(r"TODO|FIXME|XXX|CHANGEME|<[a-z_ -]+>", re.IGNORECASE)
 
 

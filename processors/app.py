@@ -127,6 +127,9 @@ def _new_app(app_id: str, topology: Topology, settings: Settings) -> faust.App:
         # then its partitions wait (faust's default is 60 s)
         broker_session_timeout=10.0,
         broker_heartbeat_interval=1.0,
+        # events buffered per topic partition ahead of the agents: with ~30 partitions consumed,
+        # faust's 4096 let a backlog hold a few hundred MB of records in memory
+        stream_buffer_maxsize=1024,
     )
     app.sensors.add(ReadySensor())
     return app

@@ -1,7 +1,8 @@
 """The audit agent: chains audit facts per aggregate into the compacted audit log.
 
 Topics (``<prefix>`` from the topology):
-  ``<prefix>.audit.facts``  audit facts (JSON list of facts of one aggregate), keyed by aggregate
+  ``<prefix>.audit.facts``  audit facts (JSON list of facts), in their aggregates' partition, keyed by
+                            the aggregate (or ``@partition:<n>`` when a message holds several)
   ``<prefix>.audit``        the audit log: Avro audit_event.v1 records keyed by audit id,
                             ``cleanup.policy=compact``, no time or size retention
   ``<prefix>.dlq.audit``    facts that could not be chained (malformed), with the reason
@@ -84,6 +85,22 @@ def group_facts(facts: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[st
     return grouped
 
 
+def group_by_partition(
+    facts: Iterable[Mapping[str, Any]], partitions: int
+) -> dict[int, tuple[bytes, list[Mapping[str, Any]]]]:
+    """Facts grouped by their aggregate's partition: partition → (message key, facts in order).
+    The key is the aggregate when the message holds one aggregate, else ``@partition:<n>``."""
+    grouped: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    for f in facts:
+        grouped[fact_partition(str(f["aggregate"]), partitions)].append(f)
+    out: dict[int, tuple[bytes, list[Mapping[str, Any]]]] = {}
+    for p, items in grouped.items():
+        aggregates = {str(f["aggregate"]) for f in items}
+        key = next(iter(aggregates)) if len(aggregates) == 1 else f"@partition:{p}"
+        out[p] = (key.encode(), items)
+    return out
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -101,14 +118,12 @@ class AuditHooks:
         return self.topic is not None
 
     async def emit(self, facts: Iterable[Mapping[str, Any]]) -> None:
+        """One message per facts partition (all of an aggregate's facts land in its partition, in
+        order): an apply batch touching hundreds of aggregates sends a handful of messages."""
         if self.topic is None:
             return
-        for aggregate, items in group_facts(facts).items():
-            await self.topic.send(
-                key=aggregate.encode(),
-                value=orjson.dumps(items),
-                partition=fact_partition(aggregate, self.partitions),
-            )
+        for partition, (key, items) in group_by_partition(facts, self.partitions).items():
+            await self.topic.send(key=key, value=orjson.dumps(items), partition=partition)
 
     async def dead_letter(
         self, stage: str, reason: str, *, origin: str, aggregate: str | None = None, **fields: Any
@@ -226,13 +241,16 @@ def register_audit(app: faust.App, topology: Topology, settings: Any, *, agent: 
     async def audit_agent(stream: faust.StreamT) -> None:
         """Chain each fact onto its aggregate's chain; write the record to the audit log."""
         async for event in stream.events():
-            aggregate = event.key.decode() if event.key else ""
+            key_text = event.key.decode() if event.key else ""
+            partition = event.message.partition
             try:
                 items = orjson.loads(event.value)
                 facts = [audit.check_fact(x) for x in (items if isinstance(items, list) else [items])]
                 for f in facts:
-                    if f["aggregate"] != aggregate:
-                        raise audit.AuditError(f"fact of {f['aggregate']!r} keyed as {aggregate!r}")
+                    if not key_text.startswith("@partition:") and f["aggregate"] != key_text:
+                        raise audit.AuditError(f"fact of {f['aggregate']!r} keyed as {key_text!r}")
+                    if fact_partition(str(f["aggregate"]), partitions) != partition:
+                        raise audit.AuditError(f"fact of {f['aggregate']!r} in partition {partition} (not its own)")
             except Exception as exc:  # noqa: BLE001 - a malformed fact must not stop the audit
                 metrics.DEAD_LETTERS.labels("audit", type(exc).__name__).inc()
                 await dlq.send(
@@ -249,18 +267,18 @@ def register_audit(app: faust.App, topology: Topology, settings: Any, *, agent: 
                     ),
                 )
                 continue
-            partition = event.message.partition
-            table_key = orjson.dumps(aggregate)
-            stored = chains.get(table_key)
-            state = audit.ChainState.from_dict(orjson.loads(stored) if stored else None)
-            for f in facts:
-                record, data, replayed = audit.append_encoded(state, f, key)
-                await log_topic.send(
-                    key=record["audit_id"].encode(), value=data, partition=partition, headers=[SCHEMA_HEADER]
-                )
-                if not replayed:
-                    metrics.AUDIT_EVENTS.labels(record["kind"]).inc()
-            chains[table_key] = orjson.dumps(state.to_dict())
+            for aggregate, aggregate_facts in group_facts(facts).items():  # each aggregate's in order
+                table_key = orjson.dumps(aggregate)
+                stored = chains.get(table_key)
+                state = audit.ChainState.from_dict(orjson.loads(stored) if stored else None)
+                for one in aggregate_facts:
+                    record, data, replayed = audit.append_encoded(state, one, key)
+                    await log_topic.send(
+                        key=record["audit_id"].encode(), value=data, partition=partition, headers=[SCHEMA_HEADER]
+                    )
+                    if not replayed:
+                        metrics.AUDIT_EVENTS.labels(record["kind"]).inc()
+                chains[table_key] = orjson.dumps(state.to_dict())
 
     @app.timer(30.0)  # reads every chain head this worker holds: not too often
     async def audit_gauges() -> None:

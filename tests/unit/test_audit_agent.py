@@ -107,3 +107,20 @@ def test_timestamps_and_export_formats() -> None:
     rows = [{"audit_id": "a", "kind": "k", "links": ["x", "y"], "values": '{"a":"<&>"}', "ts": "t"}]
     assert to_csv(rows).splitlines()[1].split(",")[2:5] == ["a", "k", ""]
     assert "<item>x</item>" in to_xml(rows, {"count": "1"}) and "&lt;&amp;&gt;" in to_xml(rows, {})
+
+
+def test_facts_are_sent_one_message_per_partition_in_order() -> None:
+    from processors.audit_agent import group_by_partition
+
+    facts = [{"aggregate": f"oa:F-{n % 7}", "n": n} for n in range(40)]
+    grouped = group_by_partition(facts, 3)
+    assert sum(len(items) for _, items in grouped.values()) == 40
+    for partition, (key, items) in grouped.items():
+        assert {fact_partition(f["aggregate"], 3) for f in items} == {partition}
+        aggregates = {f["aggregate"] for f in items}
+        assert key == (next(iter(aggregates)).encode() if len(aggregates) == 1 else f"@partition:{partition}".encode())
+        for agg in aggregates:  # each aggregate's facts keep their order
+            ns = [f["n"] for f in items if f["aggregate"] == agg]
+            assert ns == sorted(ns)
+    [(key, items)] = group_by_partition([{"aggregate": "form:1", "n": 0}], 3).values()
+    assert key == b"form:1" and len(items) == 1

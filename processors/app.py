@@ -127,12 +127,12 @@ def _new_app(app_id: str, topology: Topology, settings: Settings) -> faust.App:
         # then its partitions wait (faust's default is 60 s)
         broker_session_timeout=10.0,
         broker_heartbeat_interval=1.0,
-        # read-ahead bounds: ~30 partitions are consumed, and with a backlog faust's defaults (4096
-        # events buffered per partition, 1 MiB fetched per partition) kept ~400 MB of records as
-        # Python objects in the worker; with these, 291 MiB peak under the benchmark's backlog and
-        # no loss of throughput (benchmarks/bench_pipeline.py)
-        stream_buffer_maxsize=256,
-        consumer_max_fetch_size=128 * 1024,
+        # read-ahead: ~30 partitions are consumed; with a backlog, what is fetched ahead sits in the
+        # worker as Python objects. Measured (benchmarks/bench_pipeline.py, audit in the worker):
+        # 1 MiB per partition (faust's default) 400 MiB peak; 512 KiB 388 MiB at the same rate;
+        # 128 KiB 291 MiB but about half the rate. ARCHSYNC_WORKER_FETCH_BYTES trades one for the other.
+        stream_buffer_maxsize=1024,
+        consumer_max_fetch_size=int(os.environ.get("ARCHSYNC_WORKER_FETCH_BYTES", str(512 * 1024))),
     )
     app.sensors.add(ReadySensor())
     return app

@@ -119,6 +119,7 @@ class ApplyResult:
     #: rows written by ``echo`` commands, to be fed back as changes of the target (see :func:`echo_changes`)
     echoes: list[Echo] = field(default_factory=list)
     echo_lsn: int | None = None  # the target's WAL position just before the batch committed
+    echo_ts_ms: int | None = None  # the target's clock just before the batch committed
     #: the fast path failed and the batch was applied group by group (a command could not be applied)
     isolated: bool = False
 
@@ -431,7 +432,7 @@ class Applier:
                         result.merge(self._apply_group(group))
                 done = self.conn.execute(
                     "SELECT pg_replication_origin_xact_setup(%s::pg_lsn, coalesce(%s::timestamptz, now())),"
-                    " pg_current_wal_insert_lsn()::text",
+                    " pg_current_wal_insert_lsn()::text, (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
                     (lsn_to_str(last.source_commit_lsn), ts),
                 )
                 if result.echoes:
@@ -439,6 +440,7 @@ class Applier:
                     # then, so any later change to them commits at a greater LSN (echo order is safe)
                     row = done.fetchone()
                     result.echo_lsn = str_to_lsn(row[1]) if row else None
+                    result.echo_ts_ms = int(row[2]) if row else None
             if fast:
                 result.rows_affected += sum(max(cur.rowcount, 0) for cur in self._written)
         finally:
@@ -1007,7 +1009,9 @@ def echo_changes(result: ApplyResult, system: str, origin: str) -> list[Change]:
     own writes), so an echo is the only way the target's flows learn what the applier wrote."""
     if not result.echoes or result.echo_lsn is None:
         return []
-    now_ms = int(time.time() * 1000)
+    # the commit time as far as it is known: before the commit, so before any later change of the
+    # rows (a worker's clock read after the commit could be later than a clerk's next change)
+    ts_ms = result.echo_ts_ms if result.echo_ts_ms is not None else int(time.time() * 1000)
     return [
         Change(
             event_id=f"{system}:echo:{result.echo_lsn}:{i}",
@@ -1019,7 +1023,7 @@ def echo_changes(result: ApplyResult, system: str, origin: str) -> list[Change]:
             after=echo.row,
             commit_lsn=result.echo_lsn,
             order=i,
-            commit_ts_ms=now_ms,
+            commit_ts_ms=ts_ms,
             origin=origin,
         )
         for i, echo in enumerate(result.echoes)

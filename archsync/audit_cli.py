@@ -32,34 +32,16 @@ import click
 import orjson
 
 from archsync import metrics
+from processors.audit import FACT_FIELDS
 
+#: export columns: where the record is, its identity, a readable time, the facts, then the chain
 EXPORT_FIELDS = (
     "partition",
     "offset",
-    "audit_id",
-    "kind",
-    "aggregate",
+    *FACT_FIELDS[:3],  # audit_id, kind, aggregate
     "seq",
     "ts",
-    "ts_ms",
-    "system",
-    "actor",
-    "source_event_id",
-    "command_id",
-    "table",
-    "op",
-    "row_key",
-    "changed",
-    "values",
-    "before_digest",
-    "after_digest",
-    "source_lsn",
-    "source_order",
-    "flow",
-    "outcome",
-    "reason",
-    "links",
-    "detail",
+    *FACT_FIELDS[3:],
     "prev_hash",
     "hash_alg",
     "hash",

@@ -89,6 +89,14 @@ COMMENT ON TABLE archsync_applied_command IS
   'archsync applier: ids of insert_once commands already applied (no duplicate on replay)';
 """
 
+# a guard row replaces the one of the same target row and source system
+_GUARD_UPSERT = (
+    " ON CONFLICT (target_table, target_key, source_system) DO UPDATE SET"
+    " source_commit_lsn = EXCLUDED.source_commit_lsn, source_order = EXCLUDED.source_order,"
+    " source_commit_ts_ms = EXCLUDED.source_commit_ts_ms, command_id = EXCLUDED.command_id,"
+    " deleted = EXCLUDED.deleted, applied_at = EXCLUDED.applied_at"
+)
+
 # Errors that say the connection or the transaction as a whole is in trouble (lost connection,
 # deadlock, serialization failure, lock timeout): the batch is raised for the caller to retry,
 # never reported as a bad command.
@@ -255,6 +263,7 @@ class Applier:
         self._written: list[psycopg.Cursor[Any]] = []
         self._batch_guards: dict[tuple[str, str], dict[str, _Guard]] = {}
         self._pending_guards: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+        self._keys: dict[int, str] = {}  # id(command) → its guard key, for the batch being applied
         try:
             self._start()
         except BaseException:
@@ -420,9 +429,10 @@ class Applier:
         self._pending_guards = {}
         try:
             with self.conn.pipeline() if fast else nullcontext(), self.conn.transaction():
-                self._lock_rows(commands)
+                rows = self._guarded_rows(commands)
+                self._lock_rows(rows)
                 if fast:
-                    self._batch_guards = self._prefetch_guards(commands)
+                    self._batch_guards = self._prefetch_guards(rows)
                     for group in groups.values():
                         for cmd in group:
                             self._apply_one(cmd, result)
@@ -448,6 +458,7 @@ class Applier:
             self._written = []
             self._batch_guards = {}
             self._pending_guards = {}
+            self._keys = {}
         result.progress_lsn = last.source_commit_lsn
         return result
 
@@ -499,7 +510,7 @@ class Applier:
         if cmd.action == "insert_once":
             self._insert_once(cmd, table, out)
             return
-        key = target_key(cmd.match)
+        key = self._keys.get(id(cmd)) or target_key(cmd.match)
         guards = self._batch_guards.get((table.name, key), {}) if self._fast else self._guards(table.name, key)
         mine = guards.get(cmd.source_system)
         if mine is not None:
@@ -903,19 +914,23 @@ class Applier:
         ).fetchall()
         return {r[0]: _Guard(r[0], r[1], r[2], r[3], r[4]) for r in rows}
 
-    def _lock_rows(self, commands: list[ApplyCommand]) -> None:
+    def _guarded_rows(self, commands: list[ApplyCommand]) -> set[tuple[str, str]]:
+        """(``schema.table``, guard key) of every target row the batch writes through a guard;
+        each command's key is kept for :meth:`_apply_one` (computed once per batch)."""
+        rows: set[tuple[str, str]] = set()
+        for cmd in commands:
+            if cmd.action != "insert_once" and cmd.match:
+                key = self._keys[id(cmd)] = target_key(cmd.match)
+                rows.add(("{}.{}".format(*qualified(cmd.table)), key))
+        return rows
+
+    def _lock_rows(self, rows: set[tuple[str, str]]) -> None:
         """Take a transaction-level advisory lock per target row of the batch, in one statement and
         in a fixed order. Two appliers may briefly apply the same commands (a worker that lost its
         partitions in a rebalance finishing its batch while the new owner starts): the second then
         waits for the first to commit and finds its guard (a replay) instead of racing it to
         insert the same new row. The guard rows cannot do this: a new row has none yet."""
-        keys = sorted(
-            {
-                "{}.{} {}".format(*qualified(cmd.table), target_key(cmd.match))
-                for cmd in commands
-                if cmd.action != "insert_once" and cmd.match
-            }
-        )
+        keys = sorted(f"{table} {key}" for table, key in rows)
         if keys:
             self.conn.execute(
                 "SELECT count(pg_advisory_xact_lock(h)) FROM"
@@ -923,25 +938,20 @@ class Applier:
                 (keys,),
             )
 
-    def _prefetch_guards(self, commands: list[ApplyCommand]) -> dict[tuple[str, str], dict[str, _Guard]]:
+    def _prefetch_guards(self, rows: set[tuple[str, str]]) -> dict[tuple[str, str], dict[str, _Guard]]:
         """The guard rows of every target row the batch touches, read (and locked) in one query."""
-        keys = {
-            ("{}.{}".format(*qualified(cmd.table)), target_key(cmd.match))
-            for cmd in commands
-            if cmd.action != "insert_once" and cmd.match
-        }
         out: dict[tuple[str, str], dict[str, _Guard]] = {}
-        if not keys:
+        if not rows:
             return out
-        tables, tkeys = zip(*keys, strict=True)
-        rows = self.conn.execute(
+        tables, tkeys = zip(*rows, strict=True)
+        found = self.conn.execute(
             "SELECT g.target_table, g.target_key, g.source_system, g.source_commit_lsn, g.source_order,"
             " g.source_commit_ts_ms, g.command_id FROM archsync_apply_guard g"
             " JOIN unnest(%s::text[], %s::text[]) AS k(t, k) ON g.target_table = k.t AND g.target_key = k.k"
             " FOR UPDATE OF g",
             (list(tables), list(tkeys)),
         ).fetchall()
-        for r in rows:
+        for r in found:
             out.setdefault((r[0], r[1]), {})[r[2]] = _Guard(r[2], r[3], r[4], r[5], r[6])
         return out
 
@@ -954,26 +964,22 @@ class Applier:
             "INSERT INTO archsync_apply_guard (target_table, target_key, source_system, source_commit_lsn,"
             " source_order, source_commit_ts_ms, command_id, deleted, applied_at)"
             " SELECT *, now() FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[],"
-            " %s::bigint[], %s::text[], %s::boolean[])"
-            " ON CONFLICT (target_table, target_key, source_system) DO UPDATE SET"
-            " source_commit_lsn = EXCLUDED.source_commit_lsn, source_order = EXCLUDED.source_order,"
-            " source_commit_ts_ms = EXCLUDED.source_commit_ts_ms, command_id = EXCLUDED.command_id,"
-            " deleted = EXCLUDED.deleted, applied_at = EXCLUDED.applied_at",
+            " %s::bigint[], %s::text[], %s::boolean[])" + _GUARD_UPSERT,
             [list(c) for c in columns],
         )
 
     def _save_guard(self, cmd: ApplyCommand, table: str, key: str, *, deleted: bool) -> None:
+        row = (
+            table,
+            key,
+            cmd.source_system,
+            cmd.source_commit_lsn,
+            cmd.source_order,
+            cmd.source_commit_ts_ms,
+            cmd.command_id,
+            deleted,
+        )
         if self._fast:
-            row = (
-                table,
-                key,
-                cmd.source_system,
-                cmd.source_commit_lsn,
-                cmd.source_order,
-                cmd.source_commit_ts_ms,
-                cmd.command_id,
-                deleted,
-            )
             self._pending_guards[(table, key, cmd.source_system)] = row
             self._batch_guards.setdefault((table, key), {})[cmd.source_system] = _Guard(
                 cmd.source_system, cmd.source_commit_lsn, cmd.source_order, cmd.source_commit_ts_ms, cmd.command_id
@@ -982,21 +988,8 @@ class Applier:
         self.conn.execute(
             "INSERT INTO archsync_apply_guard (target_table, target_key, source_system, source_commit_lsn,"
             " source_order, source_commit_ts_ms, command_id, deleted, applied_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now())"
-            " ON CONFLICT (target_table, target_key, source_system) DO UPDATE SET"
-            " source_commit_lsn = EXCLUDED.source_commit_lsn, source_order = EXCLUDED.source_order,"
-            " source_commit_ts_ms = EXCLUDED.source_commit_ts_ms, command_id = EXCLUDED.command_id,"
-            " deleted = EXCLUDED.deleted, applied_at = EXCLUDED.applied_at",
-            (
-                table,
-                key,
-                cmd.source_system,
-                cmd.source_commit_lsn,
-                cmd.source_order,
-                cmd.source_commit_ts_ms,
-                cmd.command_id,
-                deleted,
-            ),
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now())" + _GUARD_UPSERT,
+            row,
         )
 
 

@@ -40,6 +40,7 @@ from connectors.postgres import connect
 from connectors.replication import CreatedSlot, ReplicationConnection
 from connectors.snapshot import SnapshotSession
 from schemas.codec import key_bytes
+from topology.flows import AggregateRouter
 from topology.model import Source, Topology
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,12 @@ class CaptureService:
                 self.stats.leader = False
                 self.stats.streaming = False
 
+    def _router(self) -> Any:
+        """The rows of one aggregate instance go to one partition (see AggregateRouter)."""
+        router = AggregateRouter(self.topology.aggregates)
+        name = self.name
+        return lambda table, image: router.message_key(name, table, image)
+
     def _run_leader(self, admin: Any, lock_conn: Any) -> None:
         source = self.source
         database = admin.info.dbname
@@ -185,6 +192,7 @@ class CaptureService:
             partitions=self.topics.partitions,
             max_message_bytes=source.max_message_bytes,
             metrics=metrics,
+            route=self._router(),
         )
         try:
             existing = catalog.list_slots(admin, source.slot)
@@ -380,6 +388,7 @@ class CaptureService:
                         key_bytes(self.name, schema, name, {k: row[k] for k in key_columns}),
                         unit,
                         info.json_columns,
+                        producer.partition_of(f"{schema}.{name}", "r", None, row),
                     )
                 tracker.seal(unit)
                 producer.poll(0)

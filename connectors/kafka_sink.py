@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
+from aiokafka.partitioner import murmur2
 from confluent_kafka import KafkaError, Producer
 
 from archsync.errors import ConfigError
@@ -81,6 +82,7 @@ class ChangeProducer:
         on_wait: Callable[[], None] | None = None,
         metrics: Any = None,
         config: Mapping[str, Any] | None = None,
+        route: Callable[[str, Mapping[str, Any] | None], bytes | None] | None = None,
     ) -> None:
         self.producer = Producer(producer_config(bootstrap, error_cb=self._on_error, **(config or {})))
         self.tracker = tracker
@@ -95,6 +97,9 @@ class ChangeProducer:
         self.dl_codec = DeadLetterCodec()
         self.metrics = metrics
         self.fatal: str | None = None
+        # route(table, row image) → the row's aggregate key: the event goes to that key's partition
+        # (murmur2, like the default partitioner), its message key staying the primary key
+        self.route = route
         self.produced = 0
         self.dead_lettered = 0
 
@@ -187,6 +192,14 @@ class ChangeProducer:
         self._produce(topic, key, value, [(SCHEMA_HEADER, CHANGE_SCHEMA)], self.tracker.callback(unit), partition)
         self.produced += 1
 
+    def partition_of(self, table: str, op: str, before: Any, after: Any) -> int | None:
+        """The partition of a row change: its aggregate's, None (key hash) outside any aggregate."""
+        if self.route is None:
+            return None
+        image = (before if op == "d" else after) or before
+        key = self.route(table, image)
+        return None if key is None else (murmur2(key) & 0x7FFFFFFF) % self.partitions
+
     def send_dead_letter(self, record: dict[str, Any], unit: PendingUnit, reason: str) -> None:
         value = self.dl_codec.encode(record)
         if len(value) > self.max_message_bytes:
@@ -236,7 +249,8 @@ class ChangeProducer:
         txn = txn_prefix(f"{tx.xid}:{tx.commit_lsn:X}")
         eid_prefix = f"{system}:{tx.commit_lsn:016X}:"
         headers: list[tuple[str, str | bytes | None]] = [(SCHEMA_HEADER, CHANGE_SCHEMA)]
-        per_table: dict[int, tuple[bytes, bytes, str]] = {}
+        per_table: dict[int, tuple[bytes, bytes, str, str]] = {}
+        route = self.route
         for record in batch.records:
             if type(record) is not ChangeRecord:
                 self.send_dead_letter(rejected_dead_letter(system, record, tx), unit, "conversion")  # type: ignore[arg-type]
@@ -245,8 +259,8 @@ class ChangeProducer:
             op = record.op
             if op == "t":
                 event = change_event(system, database, record, tx, total, ts_ms)
-                for partition in range(self.partitions):  # every partition sees the truncate in order
-                    self.send_event(event, None, unit, table.json_columns, partition)
+                for each in range(self.partitions):  # every partition sees the truncate in order
+                    self.send_event(event, None, unit, table.json_columns, each)
                 continue
             parts = per_table.get(id(table))
             if parts is None:
@@ -254,8 +268,10 @@ class ChangeProducer:
                     source_table_prefix(system, database, table.schema, table.name),
                     event_tail(total, ts_ms, table.key_columns, table.unknown_types),
                     self.topic_for(table.schema, table.name),
+                    table.qualified,
                 )
             key = key_bytes(system, table.schema, table.name, record.key)
+            partition = self.partition_of(parts[3], op, record.before, record.after) if route else None
             eid = f"{eid_prefix}{record.order}"
             try:
                 value = encode_change(
@@ -272,16 +288,23 @@ class ChangeProducer:
                     table.json_columns,
                 )
             except Exception:  # noqa: BLE001 - reported, never swallowed silently
-                self.send_event(change_event(system, database, record, tx, total, ts_ms), key, unit, table.json_columns)
+                self.send_event(
+                    change_event(system, database, record, tx, total, ts_ms), key, unit, table.json_columns, partition
+                )
                 continue
             if len(value) + len(key) > limit:
-                self.send_event(change_event(system, database, record, tx, total, ts_ms), key, unit, table.json_columns)
+                self.send_event(
+                    change_event(system, database, record, tx, total, ts_ms), key, unit, table.json_columns, partition
+                )
                 continue
             unit.pending += 1
             try:
-                produce(parts[2], value, key, on_delivery=on_delivery, headers=headers)
+                if partition is None:
+                    produce(parts[2], value, key, on_delivery=on_delivery, headers=headers)
+                else:
+                    produce(parts[2], value, key, partition=partition, on_delivery=on_delivery, headers=headers)
             except BufferError:
-                self._produce(parts[2], key, value, headers, on_delivery)
+                self._produce(parts[2], key, value, headers, on_delivery, partition)
             self.produced += 1
         return len(batch.records)
 

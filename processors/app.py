@@ -1,11 +1,19 @@
 """The faust-streaming application: normalise → deduplicate → transform → apply, both ways.
 
 Topics (``<prefix>`` from the topology):
-  ``<prefix>.<system>.<schema>.<table>``  captured change events (Avro, keyed by primary key)
-  ``<prefix>.changes``                    normalised changes, re-keyed by aggregate (JSON)
+  ``<prefix>.<system>.<schema>.<table>``  captured change events (Avro, keyed by primary key, in the
+                                          partition of their aggregate instance)
+  ``<prefix>.changes``                    changes keyed by aggregate (JSON): echoes of applied rows,
+                                          dead letters replayed, captured events re-keyed
   ``<prefix>.apply.<system>``             apply commands for one target system, keyed by target aggregate
   ``<prefix>.conflicts``                  conflicts with both versions and the decision
-  ``<prefix>.dlq.transform`` / ``.dlq.apply``  dead letters with the reason and the original record
+  ``<prefix>.dlq.normalise`` / ``.dlq.transform`` / ``.dlq.apply``  dead letters with the reason
+                                          and the original record
+
+Agents: ``transform`` (captured events and changes: decode, normalise, drop duplicates, transform
+in the aggregate's state, emit commands), ``apply_<system>`` (batches of commands → the target
+database) and the audit agent (processors/audit_agent.py). Output records go through
+:class:`processors.record_producer.RecordProducer`, delivered before offsets are committed.
 
 State (changelog-backed Faust tables, rebuilt from Kafka on restart or rebalance):
   ``dedupe``      event ids seen, in tumbling windows that expire (the bounded horizon)
@@ -25,6 +33,7 @@ from typing import Any
 
 import faust
 import orjson
+from aiokafka.partitioner import murmur2
 
 from archsync import metrics
 from archsync.observability import observe_flow_latency
@@ -33,8 +42,10 @@ from connectors.kafka_admin import TopicSpec, ensure_topics
 from processors.audit_agent import audit_topic_specs, hooks_for, register_audit
 from processors.model import ApplyCommand, Change
 from processors.normalise import normalise
+from processors.record_producer import OutputTopic, WorkerApp
 from processors.sync_modes import operations_topics
 from schemas.codec import ChangeEventCodec
+from topology.flows import aggregate_message_key
 from topology.model import Topology
 
 log = logging.getLogger(__name__)
@@ -106,8 +117,8 @@ class ReadySensor(faust.Sensor):
 WORKER_ROLES = ("all", "pipeline", "audit")
 
 
-def _new_app(app_id: str, topology: Topology, settings: Settings) -> faust.App:
-    app = faust.App(
+def _new_app(app_id: str, topology: Topology, settings: Settings) -> WorkerApp:
+    app = WorkerApp(
         app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
@@ -171,17 +182,22 @@ def create_app(
     names = pipeline_topics(topology)
     partitions = topology.topics.partitions
     app = _new_app(app_id or f"archsync-{topology.name}-{topology.topics.prefix}", topology, settings)
+    records = app.record_producer(settings.kafka_bootstrap)
 
     def raw_topic(*topic_names: str, **kw: Any) -> faust.TopicT:
         return app.topic(*topic_names, key_serializer="raw", value_serializer="raw", **kw)
 
-    captured = raw_topic(*captured_topics(topology))
-    changes = raw_topic(names["changes"], partitions=partitions)
-    conflicts = raw_topic(names["conflicts"])
-    dlq_normalise = raw_topic(names["dlq_normalise"])
-    dlq_transform = raw_topic(names["dlq_transform"])
-    dlq_apply = raw_topic(names["dlq_apply"])
-    apply_topics = {system: raw_topic(names[f"apply_{system}"], partitions=partitions) for system in topology.sources}
+    captured_names = captured_topics(topology)
+    # one agent reads the captured topics and the changes topic (echoes, forwarded and replayed
+    # changes); the captures send every row of an aggregate instance to its partition
+    inputs = raw_topic(*captured_names, names["changes"], partitions=partitions)
+    captured_set = frozenset(captured_names)
+    changes = records.topic(names["changes"])
+    conflicts = records.topic(names["conflicts"])
+    dlq_normalise = records.topic(names["dlq_normalise"])
+    dlq_transform = records.topic(names["dlq_transform"])
+    apply_in = {system: raw_topic(names[f"apply_{system}"], partitions=partitions) for system in topology.sources}
+    apply_out = {system: records.topic(names[f"apply_{system}"]) for system in topology.sources}
     ops = WorkerOperations(app, topology, settings, raw_topic)  # sync modes, notifications, schedules
     # the audit agent (unless it runs in its own worker); the hooks below record audit facts
     audit = register_audit(app, topology, settings, agent=audit_agent)
@@ -195,100 +211,111 @@ def create_app(
     aggregates = app.Table(
         "aggregates", default=None, partitions=partitions, key_type=bytes, value_type=bytes
     )
+    # their changelog records wait until the records derived from the same events are in Kafka
+    app.defer_changelog(dedupe, aggregates)
     codec = ChangeEventCodec()
 
-    @app.agent(captured, name="normalise")
-    async def normalise_agent(stream: faust.StreamT) -> None:
-        """Decode, normalise, drop duplicate event ids, re-key by aggregate."""
-        async for event in stream.events():
-            raw = event.message.value
-            try:
-                change = normalise(codec.decode(raw))
-            except Exception as exc:  # noqa: BLE001 - bad input goes to the dead letters
-                metrics.DEAD_LETTERS.labels("normalise", type(exc).__name__).inc()
-                await dlq_normalise.send(
-                    value=dead_letter(
-                        "normalise",
-                        f"cannot decode: {exc}",
-                        None,
-                        topic=event.message.topic,
-                        offset=event.message.offset,
-                    )
-                )
-                await audit.dead_letter(
-                    "normalise", f"cannot decode: {exc}", origin=f"{event.message.topic}@{event.message.offset}"
-                )
-                continue
-            metrics.NORMALISED.labels(change.system, change.table).inc()
-            seen = dedupe[change.event_id]
-            if seen.current() or seen.delta(DEDUPE_WINDOW):
-                metrics.DEDUPE_HITS.labels("event_id").inc()
-                continue
-            dedupe[change.event_id] += 1
-            target = aggregate_key_of(topology, change)
-            if target is None:
-                continue
-            await changes.send(key=f"{target[0]}:{target[1]}".encode(), value=change.to_json())
+    async def captured_change(event: faust.EventT) -> Change | None:
+        """Decode and normalise a captured event; None for a bad one (dead-lettered) or a
+        duplicate event id (dropped, counted)."""
+        message = event.message
+        try:
+            change = normalise(codec.decode(message.value or b""))
+        except Exception as exc:  # noqa: BLE001 - bad input goes to the dead letters
+            metrics.DEAD_LETTERS.labels("normalise", type(exc).__name__).inc()
+            where = {"topic": message.topic, "offset": message.offset}
+            await dlq_normalise.send(value=dead_letter("normalise", f"cannot decode: {exc}", None, **where))
+            await audit.dead_letter("normalise", f"cannot decode: {exc}", origin=f"{message.topic}@{message.offset}")
+            return None
+        metrics.NORMALISED.labels(change.system, change.table).inc()
+        seen = dedupe[change.event_id]
+        if seen.current() or seen.delta(DEDUPE_WINDOW):
+            metrics.DEDUPE_HITS.labels("event_id").inc()
+            return None
+        dedupe[change.event_id] += 1
+        return change
 
-    @app.agent(changes, name="transform")
+    async def transformed(key_bytes: bytes, change: Change) -> None:
+        """Keep the aggregate's rows, run the topology's flows, emit apply commands."""
+        key = key_bytes.decode()
+        started = time.perf_counter()
+        # the table holds the state's JSON bytes (what its changelog carries), so a state restored
+        # from Kafka after a restart or rebalance is the same as one kept in memory
+        stored = aggregates.get(key_bytes)
+        state = AggregateState.from_json(stored) if stored else new_state()
+        if not apply_change(state, change) and not is_replay_of_latest(state, change):
+            metrics.DEDUPE_HITS.labels("position").inc()
+            return
+        try:
+            result = transform(topology, state, change)
+        except Exception as exc:  # noqa: BLE001 - a broken flow must not stop the pipeline
+            metrics.DEAD_LETTERS.labels("transform", type(exc).__name__).inc()
+            await dlq_transform.send(
+                key=key_bytes,
+                value=dead_letter(
+                    "transform",
+                    f"{type(exc).__name__}: {exc}",
+                    replayable(change, state).to_json(),
+                    topic=names["changes"],
+                    event_id=change.event_id,
+                ),
+            )
+            aggregates[key_bytes] = state.to_json()
+            await audit.transformed(key, change, state, None, f"{type(exc).__name__}: {exc}")
+            return
+        aggregates[key_bytes] = state.to_json()
+        for cmd in result.commands:
+            metrics.TRANSFORMED.labels(cmd.flow).inc()
+            await ops.topic_for(cmd, apply_out).send(key=cmd.aggregate_key.encode(), value=cmd.to_json())
+        for conflict in result.conflicts:
+            metrics.CONFLICTS.labels(conflict.table, conflict.decision).inc()
+            await conflicts.send(key=conflict.table.encode(), value=conflict.to_json())
+        for reason, rejected in result.rejected:
+            metrics.DEAD_LETTERS.labels("transform", "rejected").inc()
+            await dlq_transform.send(
+                key=key_bytes,
+                value=dead_letter(
+                    "transform",
+                    reason,
+                    replayable(rejected, state).to_json(),
+                    topic=names["changes"],
+                    event_id=rejected.event_id,
+                ),
+            )
+        await ops.after_transform(result)  # notifications, release markers
+        await audit.transformed(key, change, state, result)  # audit: change, rules fired, conflicts
+        # no wait for the acks here: the worker's records are delivered before Faust commits
+        # offsets (processors/record_producer.py), so a change's offset is committed only after
+        # its commands are in Kafka (at least once)
+        metrics.TRANSFORM_LATENCY.observe(time.perf_counter() - started)
+
+    @app.agent(inputs, name="transform")
     async def transform_agent(stream: faust.StreamT) -> None:
-        """Keep each aggregate's rows, run the topology's flows, emit apply commands."""
+        """Captured events: decode, normalise, drop duplicate event ids; then, like the changes of
+        the changes topic, transform them in their aggregate's state. A captured event that is not
+        in its aggregate's partition (a capture without routing) is re-keyed through the changes
+        topic first: an aggregate's state lives in one partition."""
         async for event in stream.events():
-            key = event.key.decode()
-            change = Change.from_json(event.value)
-            started = time.perf_counter()
-            # the table holds the state's JSON bytes (what its changelog carries), so a state restored
-            # from Kafka after a restart or rebalance is the same as one kept in memory
-            stored = aggregates.get(event.key)
-            state = AggregateState.from_json(stored) if stored else new_state()
-            if not apply_change(state, change) and not is_replay_of_latest(state, change):
-                metrics.DEDUPE_HITS.labels("position").inc()
-                continue
-            try:
-                result = transform(topology, state, change)
-            except Exception as exc:  # noqa: BLE001 - a broken flow must not stop the pipeline
-                metrics.DEAD_LETTERS.labels("transform", type(exc).__name__).inc()
-                await dlq_transform.send(
-                    key=event.key,
-                    value=dead_letter(
-                        "transform",
-                        f"{type(exc).__name__}: {exc}",
-                        replayable(change, state).to_json(),
-                        topic=names["changes"],
-                        event_id=change.event_id,
-                    ),
-                )
-                aggregates[event.key] = state.to_json()
-                await audit.transformed(key, change, state, None, f"{type(exc).__name__}: {exc}")
-                continue
-            aggregates[event.key] = state.to_json()
-            for cmd in result.commands:
-                metrics.TRANSFORMED.labels(cmd.flow).inc()
-                await ops.topic_for(cmd, apply_topics).send(key=cmd.aggregate_key.encode(), value=cmd.to_json())
-            for conflict in result.conflicts:
-                metrics.CONFLICTS.labels(conflict.table, conflict.decision).inc()
-                await conflicts.send(key=conflict.table.encode(), value=conflict.to_json())
-            for reason, rejected in result.rejected:
-                metrics.DEAD_LETTERS.labels("transform", "rejected").inc()
-                await dlq_transform.send(
-                    key=event.key,
-                    value=dead_letter(
-                        "transform",
-                        reason,
-                        replayable(rejected, state).to_json(),
-                        topic=names["changes"],
-                        event_id=rejected.event_id,
-                    ),
-                )
-            await ops.after_transform(result)  # notifications, release markers
-            await audit.transformed(key, change, state, result)  # audit: change, rules fired, conflicts
-            # no wait for the acks here: Faust flushes the producer before it commits offsets, so a
-            # change's offset is committed only after its commands are in Kafka (at least once)
-            metrics.TRANSFORM_LATENCY.observe(time.perf_counter() - started)
+            message = event.message
+            if message.topic in captured_set:
+                change = await captured_change(event)
+                if change is None:
+                    continue
+                target = aggregate_key_of(topology, change)
+                if target is None:
+                    continue
+                key_bytes = aggregate_message_key(*target)
+                if (murmur2(key_bytes) & 0x7FFFFFFF) % partitions != message.partition:
+                    await changes.send(key=key_bytes, value=change.to_json())
+                    continue
+                await transformed(key_bytes, change)
+            else:
+                await transformed(event.key, Change.from_json(event.value))
 
+    dlq_apply = records.topic(names["dlq_apply"])
     for system in topology.sources:
         _register_applier(
-            app, topology, settings, system, apply_topics[system], conflicts, dlq_apply, batch_size, Applier, changes
+            app, topology, settings, system, apply_in[system], conflicts, dlq_apply, batch_size, Applier, changes
         )
     return app
 
@@ -299,11 +326,11 @@ def _register_applier(
     settings: Settings,
     system: str,
     topic: faust.TopicT,
-    conflicts: faust.TopicT,
-    dlq_apply: faust.TopicT,
+    conflicts: OutputTopic,
+    dlq_apply: OutputTopic,
     batch_size: int,
     applier_cls: Any,
-    changes: faust.TopicT,
+    changes: OutputTopic,
 ) -> None:
     from connectors.applier import echo_changes
     from processors.transform import aggregate_key_of
@@ -368,7 +395,7 @@ def _register_applier(
             for change in echo_changes(result, system, state["applier"].origin):
                 target = aggregate_key_of(topology, change)
                 if target is not None:
-                    await changes.send(key=f"{target[0]}:{target[1]}".encode(), value=change.to_json())
+                    await changes.send(key=aggregate_message_key(*target), value=change.to_json())
 
     app.agent(topic, name=f"apply_{system}")(apply_agent)
 

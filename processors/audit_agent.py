@@ -36,6 +36,7 @@ from archsync import metrics
 from connectors.kafka_admin import TopicSpec
 from processors import audit
 from processors.model import ApplyCommand, Change
+from processors.record_producer import WorkerApp
 from topology.audit_config import audit_config
 from topology.model import Topology
 
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 AUDIT_TOPIC_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1", "retention.bytes": "-1"}
 SCHEMA_HEADER = ("schema", b"audit_event.v1")
 CHAINS_TABLE = "audit_chains"
+FACTS_BUFFER = 1000  # facts gathered before they are sent (also sent every FACTS_FLUSH_SECONDS)
+FACTS_FLUSH_SECONDS = 0.05
 
 
 def audit_topics(topology: Topology) -> dict[str, str]:
@@ -105,13 +108,46 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class AuditHooks:
-    """What the pipeline agents call to record audit facts (no-ops when the audit is off)."""
+MAX_FACTS_MESSAGE_BYTES = 512 * 1024
 
-    def __init__(self, topology: Topology, facts_topic: faust.TopicT | None) -> None:
+
+def facts_messages(
+    facts: Iterable[Mapping[str, Any]], partitions: int, max_bytes: int = MAX_FACTS_MESSAGE_BYTES
+) -> list[tuple[int, bytes, bytes]]:
+    """(partition, key, value) messages for ``facts``: one per facts partition, split when the JSON
+    list would pass ``max_bytes`` (the key — the aggregate, or ``@partition:<n>`` — fits every
+    part); each aggregate's facts stay in order."""
+    out: list[tuple[int, bytes, bytes]] = []
+    for partition, (key, items) in group_by_partition(facts, partitions).items():
+        chunk: list[bytes] = []
+        size = 0
+        for item in items:
+            data = orjson.dumps(item)
+            if chunk and size + len(data) > max_bytes:
+                out.append((partition, key, b"[" + b",".join(chunk) + b"]"))
+                chunk, size = [], 0
+            chunk.append(data)
+            size += len(data) + 1
+        if chunk:
+            out.append((partition, key, b"[" + b",".join(chunk) + b"]"))
+    return out
+
+
+class AuditHooks:
+    """What the pipeline agents call to record audit facts (no-ops when the audit is off).
+
+    With ``buffer_facts`` the facts are gathered and sent as one message per facts partition when
+    that many are waiting, on the worker's 50 ms timer and before every offset commit (see
+    :class:`processors.record_producer.WorkerApp`): a few messages where a message per change was
+    the audit's largest cost. Without, each :meth:`emit` sends at once.
+    """
+
+    def __init__(self, topology: Topology, facts_topic: Any, *, buffer_facts: int = 0) -> None:
         self.topology = topology
         self.topic = facts_topic
         self.partitions = topology.topics.partitions
+        self.buffer_facts = buffer_facts
+        self._pending: list[Mapping[str, Any]] = []
 
     @property
     def enabled(self) -> bool:
@@ -122,8 +158,23 @@ class AuditHooks:
         order): an apply batch touching hundreds of aggregates sends a handful of messages."""
         if self.topic is None:
             return
-        for partition, (key, items) in group_by_partition(facts, self.partitions).items():
-            await self.topic.send(key=key, value=orjson.dumps(items), partition=partition)
+        if self.buffer_facts:
+            self._pending.extend(facts)
+            if len(self._pending) >= self.buffer_facts:
+                await self.flush()
+            return
+        await self._send(facts)
+
+    async def flush(self) -> None:
+        """Send the gathered facts."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            await self._send(pending)
+
+    async def _send(self, facts: Iterable[Mapping[str, Any]]) -> None:
+        assert self.topic is not None
+        for partition, key, value in facts_messages(facts, self.partitions):
+            await self.topic.send(key=key, value=value, partition=partition)
 
     async def dead_letter(
         self, stage: str, reason: str, *, origin: str, aggregate: str | None = None, **fields: Any
@@ -224,17 +275,26 @@ def register_audit(app: faust.App, topology: Topology, settings: Any, *, agent: 
     names = audit_topics(topology)
     partitions = topology.topics.partitions
     facts_topic = app.topic(names["facts"], key_serializer="raw", value_serializer="raw", partitions=partitions)
+    log_topic: Any = app.topic(names["audit"], key_serializer="raw", value_serializer="raw", partitions=partitions)
+    facts_out: Any = facts_topic
+    hooks = AuditHooks(topology, facts_topic)
+    if isinstance(app, WorkerApp):  # the worker's records (facts, audit log) go by librdkafka
+        records = app.record_producer(settings.kafka_bootstrap)
+        facts_out, log_topic = records.topic(names["facts"]), records.topic(names["audit"])
+        hooks = AuditHooks(topology, facts_out, buffer_facts=FACTS_BUFFER)
+        app.before_commit(hooks.flush)
+        app.timer(FACTS_FLUSH_SECONDS)(hooks.flush)
+    app._archsync_audit = hooks  # type: ignore[attr-defined]
     if not agent:
-        hooks = AuditHooks(topology, facts_topic)
-        app._archsync_audit = hooks  # type: ignore[attr-defined]
         return hooks
-    log_topic = app.topic(names["audit"], key_serializer="raw", value_serializer="raw", partitions=partitions)
     dlq = app.topic(names["dlq_audit"], key_serializer="raw", value_serializer="raw")
     # keys are the aggregate as a JSON string and values the chain state's JSON, as faust's json
     # codec wrote them (``audit verify`` reads the heads from the changelog), but encoded by orjson
     chains = app.Table(CHAINS_TABLE, default=None, partitions=partitions, key_type=bytes, value_type=bytes)
     # one changelog name whichever worker runs the agent (`audit verify` reads the heads from it)
     chains._changelog_topic_name = lambda: chains_changelog_topic(topology)  # type: ignore[method-assign]
+    if isinstance(app, WorkerApp):  # a chain head is never ahead of the audit records it chains
+        app.defer_changelog(chains)
     key = audit.audit_key()
 
     @app.agent(facts_topic, name="audit")
@@ -300,10 +360,8 @@ def register_audit(app: faust.App, topology: Topology, settings: Any, *, agent: 
             except Exception:
                 log.exception("fixity run failed")
                 return
-            await AuditHooks(topology, facts_topic).emit(report.facts)
+            await AuditHooks(topology, facts_out).emit(report.facts)
 
-    hooks = AuditHooks(topology, facts_topic)
-    app._archsync_audit = hooks  # type: ignore[attr-defined]
     return hooks
 
 

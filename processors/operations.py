@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -83,7 +83,7 @@ class WorkerOperations:
         app.timer(1.0, on_leader=True)(self._tick)
 
     # -- transform agent hooks ------------------------------------------------------------
-    def topic_for(self, cmd: Any, apply_topics: dict[str, faust.TopicT]) -> faust.TopicT:
+    def topic_for(self, cmd: Any, apply_topics: Mapping[str, Any]) -> Any:
         """The topic a command goes to: its flow's held topic, else its target's apply topic."""
         held = self.held.get(cmd.flow)
         if held is None:

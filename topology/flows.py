@@ -50,6 +50,46 @@ class Aggregate:
         return (self.root, *self.members)
 
 
+def aggregate_message_key(aggregate: str, root_key: Any) -> bytes:
+    """The Kafka key of an aggregate instance: ``<aggregate>:<root key>``, the root key in its JSON
+    text form (``form:42``), the same whether the value is a typed capture value or its JSON form."""
+    if not isinstance(root_key, (str, int)) or isinstance(root_key, bool):
+        from processors.model import to_jsonable
+
+        root_key = to_jsonable(root_key)
+    return f"{aggregate}:{root_key}".encode()
+
+
+class AggregateRouter:
+    """Which aggregate instance a row belongs to (root key value), from a row image alone.
+
+    The capture uses it to send every row of an aggregate instance to one partition (the
+    partition of :func:`aggregate_message_key`, the message key staying the primary key), so the
+    worker transforms captured events where they arrive; the worker uses it to key changes.
+    """
+
+    def __init__(self, aggregates: Mapping[str, Aggregate]) -> None:
+        # (system, table) → (aggregate name, column holding the root key)
+        self._by_table: dict[tuple[str, str], tuple[str, str]] = {}
+        for agg in aggregates.values():
+            self._by_table.setdefault((agg.source, agg.root), (agg.name, agg.key))
+            for member, column in agg.members.items():
+                self._by_table.setdefault((agg.source, member), (agg.name, column))
+
+    def route(self, system: str, table: str, image: Mapping[str, Any] | None) -> tuple[str, Any] | None:
+        """(aggregate, root key value) of a row of ``table`` (``schema.table``) in ``system``;
+        None when the table is in no aggregate or the row does not say (NULL reference)."""
+        found = self._by_table.get((system, table))
+        if found is None or not image:
+            return None
+        value = image.get(found[1])
+        return None if value is None else (found[0], value)
+
+    def message_key(self, system: str, table: str, image: Mapping[str, Any] | None) -> bytes | None:
+        target = self.route(system, table, image)
+        return None if target is None else aggregate_message_key(*target)
+
+
 @dataclass(frozen=True)
 class Ownership:
     """Which system owns each column of a target table (``<system>.<schema>.<table>``)."""

@@ -102,7 +102,16 @@ def start_pipeline(settings: Any, unique: str, audit: str) -> Pipeline:
     from processors.app import READY_LINE
 
     p.wait_for(lambda: READY_LINE in p.log.read_text(errors="replace"), 120, "worker ready")
+    workers = int(os.environ.get("BENCH_WORKERS", "1"))
+    for _ in range(workers - 1):  # more workers in the group share the partitions
+        p.start_worker(extra=True)
+    # each worker says so at the end of each rebalance: the first one once per worker joining
+    p.wait_for(lambda: p.log.read_text(errors="replace").count(READY_LINE) >= 2 * workers - 1, 120, "workers ready")
     return p
+
+
+def worker_pids(p: Pipeline) -> list[int]:
+    return [w.pid for w in (p.worker, *p.extra_workers) if w is not None]
 
 
 def steady_phase(p: Pipeline, tag: str, rate: int, seconds: float) -> dict[str, object]:
@@ -154,7 +163,7 @@ def capacity_phase(p: Pipeline, tag: str, start: int, burst: int) -> dict[str, f
     assert p.worker is not None
     progress(f"capacity phase: {burst} forms ({burst * CHANGES_PER_FORM} row changes) at once")
     base = items_done(p, tag)
-    worker_cpu0, own_cpu0 = cpu_seconds(p.worker.pid), cpu_seconds(os.getpid())
+    worker_cpu0, own_cpu0 = sum(map(cpu_seconds, worker_pids(p))), cpu_seconds(os.getpid())
     started = time.monotonic()
     chunk = 500
     for i in range(0, burst, chunk):
@@ -169,7 +178,7 @@ def capacity_phase(p: Pipeline, tag: str, start: int, burst: int) -> dict[str, f
             raise RuntimeError("the capacity phase did not drain within 15 minutes")
         time.sleep(0.2)
     drain = time.monotonic() - started
-    worker_cpu = cpu_seconds(p.worker.pid) - worker_cpu0
+    worker_cpu = sum(map(cpu_seconds, worker_pids(p))) - worker_cpu0
     capture_cpu = cpu_seconds(os.getpid()) - own_cpu0  # both captures run in this process
     capacity = burst * CHANGES_PER_FORM / drain
     progress(f"capacity: {capacity:,.0f} row changes/s (written in {done_writing:.1f} s, drained in {drain:.1f} s)")

@@ -22,12 +22,10 @@ State (changelog-backed Faust tables, rebuilt from Kafka on restart or rebalance
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -39,6 +37,7 @@ from archsync import metrics
 from archsync.observability import observe_flow_latency
 from archsync.settings import Settings
 from connectors.kafka_admin import TopicSpec, ensure_topics
+from processors.apply_process import ApplyRunner
 from processors.audit_agent import audit_topic_specs, hooks_for, register_audit
 from processors.model import ApplyCommand, Change
 from processors.normalise import normalise
@@ -164,10 +163,10 @@ def create_app(
     app_id: str | None = None,
     batch_size: int = 500,
     audit_agent: bool = True,
+    applier_cls: Any = None,
 ) -> faust.App:
     """Build the Faust app for a topology (agents registered, not started). With
     ``audit_agent=False`` the agents still record audit facts, for a separate audit worker."""
-    from connectors.applier import Applier
     from processors.operations import WorkerOperations
     from processors.transform import (
         AggregateState,
@@ -315,7 +314,7 @@ def create_app(
     dlq_apply = records.topic(names["dlq_apply"])
     for system in topology.sources:
         _register_applier(
-            app, topology, settings, system, apply_in[system], conflicts, dlq_apply, batch_size, Applier, changes
+            app, topology, settings, system, apply_in[system], conflicts, dlq_apply, batch_size, applier_cls, changes
         )
     return app
 
@@ -335,36 +334,17 @@ def _register_applier(
     from connectors.applier import echo_changes
     from processors.transform import aggregate_key_of
 
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"apply-{system}")
-    state: dict[str, Any] = {}
-
-    def make_applier() -> Any:
-        # PostgreSQL lets one session at a time use a replication origin: a second worker takes
-        # the next numbered origin (archsync_apply_<system>_2 …), which the capture also skips
-        base = applier_origin(topology, system)
-        last_error: Exception | None = None
-        for n in range(1, 17):
-            origin = base if n == 1 else f"{base}_{n}"
-            try:
-                return applier_cls.for_topology(topology, settings, system, origin)
-            except Exception as exc:
-                last_error = exc
-                if "is already active" not in str(exc) and "in use" not in str(exc):
-                    raise
-        raise RuntimeError(f"no free replication origin for the {system} applier: {last_error}")
-
-    def apply(commands: list[ApplyCommand]) -> Any:
-        applier = state.get("applier")
-        if applier is None:
-            applier = state["applier"] = make_applier()
-        return applier.apply_batch(commands)
+    runner = ApplyRunner(topology, settings, system, applier_cls=applier_cls)
 
     async def apply_agent(stream: faust.StreamT) -> None:
-        loop = asyncio.get_running_loop()
         async for values in stream.take(batch_size, within=0.05):
             commands = [ApplyCommand.from_json(v) for v in values]
             started = time.perf_counter()
-            result = await loop.run_in_executor(executor, apply, commands)
+            result, origin = await runner.apply(values)
+            log.debug(
+                "batch applied",
+                extra={"system": system, "commands": len(commands), "seconds": round(time.perf_counter() - started, 4)},
+            )
             metrics.APPLY_LATENCY.labels(system).observe(time.perf_counter() - started)
             if result.isolated:
                 metrics.APPLY_ISOLATED.labels(system).inc()
@@ -392,21 +372,12 @@ def _register_applier(
             # rows of echo commands go back in as changes of this system (its flows see them);
             # sent before the batch's offsets are committed; after a crash the replayed commands are
             # skipped by their guards but still echo the row (op r), so no echo is lost
-            for change in echo_changes(result, system, state["applier"].origin):
+            for change in echo_changes(result, system, origin):
                 target = aggregate_key_of(topology, change)
                 if target is not None:
                     await changes.send(key=aggregate_message_key(*target), value=change.to_json())
 
     app.agent(topic, name=f"apply_{system}")(apply_agent)
-
-
-def applier_origin(topology: Topology, system: str) -> str:
-    """The replication origin of the applier writing to ``system``: the topology's applier named
-    ``…_<system>`` (the capture skips transactions under it and its numbered siblings)."""
-    for name in topology.appliers:
-        if name.endswith(f"_{system}"):
-            return name
-    return f"archsync_apply_{system}"
 
 
 def run_worker(topology: Topology, settings: Settings, loglevel: str = "warn", role: str = "all") -> None:

@@ -160,6 +160,19 @@ def json_default(value: Any) -> Any:
     return str(value)
 
 
+_PLAIN = frozenset({str, bool, type(None)})
+
+
+def _plain(value: Any) -> bool:
+    t = type(value)
+    return t in _PLAIN or (t is int and -(2**63) <= value < 2**64)
+
+
 def to_jsonable(value: Any) -> Any:
     """A Python value from the change-event codec turned into its JSON form (see module doc)."""
+    # fast path: text, integers, booleans, null, and flat objects of them are their own JSON form
+    if _plain(value):
+        return value
+    if type(value) is dict and all(type(k) is str and _plain(v) for k, v in value.items()):
+        return dict(value)
     return orjson.loads(orjson.dumps(value, default=json_default, option=orjson.OPT_PASSTHROUGH_DATETIME))

@@ -17,7 +17,8 @@ commits consumer offsets (``Consumer._commit_offsets``); the offsets to commit w
    send one record),
 3. wait until librdkafka has every record produced so far acknowledged (``acks=all``, idempotent,
    never timing out; records produced meanwhile are not waited for),
-4. send those changelog records, and let Faust's producer flush them.
+4. produce those changelog records (by librdkafka as well) and wait for them, then let Faust's
+   producer flush what it has.
 
 So a crash at any point leaves the changelogs (the state a restarted worker recovers) at most as
 new as the output records, and the committed offsets no newer than either: the records after the
@@ -78,6 +79,8 @@ class RecordProducer:
                 # latency: the worker's records are small and many; 2 ms of linger batches them
                 "linger.ms": 2,
                 "compression.type": "none",
+                # what may wait in librdkafka's queue when the broker is slow (the worker's memory)
+                "queue.buffering.max.kbytes": 32_768,
                 "error_cb": self._on_error,
                 **overrides,
             },
@@ -179,12 +182,13 @@ class OutputTopic:
 class DeferredChangelog:
     """Holds back the changelog records of tables until :meth:`take` (the last write of a key wins).
 
-    A table's ``send_changelog`` is replaced by :meth:`hold` (the table's in-memory data changes
-    as usual); ``take`` hands out what was held, to be sent with the original ``send_changelog``.
+    A table's ``send_changelog`` is replaced by a hold (the table's in-memory data changes as
+    usual); :meth:`take` hands out the held records, serialized as Faust would have, to be produced
+    by the :class:`RecordProducer` (one librdkafka produce each, no Faust producer buffer).
     """
 
     def __init__(self) -> None:
-        self._held: dict[tuple[int, Any, Any], tuple[Any, Any, Any, Any, Any]] = {}
+        self._held: dict[tuple[int, int, Any], tuple[Any, Any, Any, Any, Any]] = {}
         self._stubs: dict[int, Any] = {}
         self.written = 0
         self.sent = 0
@@ -192,30 +196,34 @@ class DeferredChangelog:
     def attach(self, table: Any) -> None:
         if isinstance(table, WindowWrapper):  # a windowed table wraps the table that writes
             table = table.table
-        original = table.send_changelog
 
         def hold(
             partition: int | None, key: Any, value: Any, key_serializer: Any = None, value_serializer: Any = None
         ) -> Any:
+            if partition is None:
+                raise RuntimeError(f"table {table.name}: a held changelog record needs the event's partition")
             self.written += 1
-            self._held[(id(table), partition, key)] = (original, key, value, key_serializer, value_serializer)
-            return self._sent_to(partition)  # Faust reads ``.message.partition`` of what it returns
+            self._held[(id(table), partition, key)] = (table, key, value, key_serializer, value_serializer)
+            stub = self._stubs.get(partition)  # Faust reads ``.message.partition`` of what it returns
+            if stub is None:
+                stub = self._stubs[partition] = SimpleNamespace(message=SimpleNamespace(partition=partition))
+            return stub
 
         table.send_changelog = hold
-        table._archsync_send_changelog = original
 
-    def _sent_to(self, partition: int | None) -> Any:
-        if partition is None:
-            raise RuntimeError("a deferred changelog needs the partition of the current event")
-        stub = self._stubs.get(partition)
-        if stub is None:
-            stub = self._stubs[partition] = SimpleNamespace(message=SimpleNamespace(partition=partition))
-        return stub
-
-    def take(self) -> list[tuple[Any, int | None, Any, Any, Any, Any]]:
+    def take(self) -> list[tuple[str, int, bytes | None, bytes | None]]:
+        """The held records as (changelog topic, partition, key bytes, value bytes or None)."""
         held, self._held = self._held, {}
         self.sent += len(held)
-        return [(send, partition, key, value, ks, vs) for (_, partition, _), (send, key, value, ks, vs) in held.items()]
+        out = []
+        for (_, partition, _), (table, key, value, ks, vs) in held.items():
+            topic = table.changelog_topic
+            key_bytes, _ = topic.prepare_key(key, ks if ks is not None else table.key_serializer)
+            value_bytes = None
+            if value is not None:
+                value_bytes, _ = topic.prepare_value(value, vs if vs is not None else table.value_serializer)
+            out.append((topic.get_topic_name(), partition, key_bytes, value_bytes))
+        return out
 
 
 class WorkerApp(faust.App):
@@ -235,6 +243,8 @@ class WorkerApp(faust.App):
 
     def defer_changelog(self, *tables: Any) -> None:
         """Hold the changelog records of ``tables`` until the records they follow from are in Kafka."""
+        if self.records is None:
+            raise RuntimeError("defer_changelog() needs the record producer (record_producer() first)")
         deferred = self.__dict__.setdefault("_deferred_changelog", DeferredChangelog())
         for table in tables:
             deferred.attach(table)
@@ -249,9 +259,11 @@ class WorkerApp(faust.App):
             deferred: DeferredChangelog | None = self.__dict__.get("_deferred_changelog")
             held = deferred.take() if deferred is not None else []
             if self.records is not None:
-                await self.records.delivered()
-            for send, partition, key, value, ks, vs in held:
-                send(partition, key, value, ks, vs)
+                await self.records.delivered()  # the output records of the events to commit
+                if held:
+                    for topic, partition, key, value in held:
+                        self.records.send(topic, key, value, partition)
+                    await self.records.delivered()  # then the state they leave behind
             await faust_flush()
 
         producer.flush = flush  # type: ignore[method-assign]

@@ -57,6 +57,7 @@ class Pipeline:
         self.worker: subprocess.Popen[bytes] | None = None
         self.worker_role = "all"  # "pipeline" with a separate audit worker (start_audit_worker)
         self.audit_worker: subprocess.Popen[bytes] | None = None
+        self.extra_workers: list[subprocess.Popen[bytes]] = []
         self.env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"}
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -72,18 +73,23 @@ class Pipeline:
         self.start_worker()
         return self
 
-    def start_worker(self) -> None:
+    def start_worker(self, *, extra: bool = False) -> None:
+        """The worker (or, with ``extra``, one more worker in the same group: they share the partitions)."""
         handle = self.log.open("ab")
-        self.worker = subprocess.Popen(
+        proc = subprocess.Popen(
             [
                 str(REPO / ".venv" / "bin" / "archsync"),
                 *("--topology", str(self.file), "worker", "--loglevel", "info", "--role", self.worker_role),
-                *(("--metrics-port", str(self.metrics_port)) if self.metrics_port else ()),
+                *(("--metrics-port", str(self.metrics_port)) if self.metrics_port and not extra else ()),
             ],
             stdout=handle,
             stderr=handle,
             env=self.env,
         )
+        if extra:
+            self.extra_workers.append(proc)
+        else:
+            self.worker = proc
 
     def start_audit_worker(self) -> None:
         """The audit agent in its own process (with ``worker_role = "pipeline"`` for the other)."""
@@ -104,7 +110,7 @@ class Pipeline:
         self.worker.wait(30)
 
     def stop(self) -> None:
-        for proc in (self.worker, self.audit_worker):
+        for proc in (self.worker, self.audit_worker, *self.extra_workers):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 try:

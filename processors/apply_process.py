@@ -1,0 +1,143 @@
+"""The applier of one target system, in a process of its own or in a thread of the worker.
+
+The worker's event loop (consume, transform, produce) and an applier (build SQL, convert values,
+wait for PostgreSQL) are both Python: in one process they take turns on the GIL, and every
+database round trip of the applier waits for the event loop's turn to end. Measured with the
+pipeline benchmark: the archive applier, 1.3 ms per command alone, took 3–4 ms per command
+inside the worker, and was what bounded the pipeline. In a process of its own (``spawn``, one per
+target system) it runs on the other core.
+
+:class:`ApplyRunner` hides which: ``await runner.apply(values)`` applies one batch of encoded
+commands and returns the :class:`~connectors.applier.ApplyResult` and the replication origin the
+applier writes under. ``ARCHSYNC_APPLY_PROCESS=0`` keeps the applier in a thread (tests that
+inject an applier class use that too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any
+
+import yaml
+
+from archsync.settings import Settings
+from processors.model import ApplyCommand
+from topology.model import Topology, parse_topology
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+def applier_origin(topology: Topology, system: str) -> str:
+    """The replication origin of the applier writing to ``system``: the topology's applier named
+    ``…_<system>`` (the capture skips transactions under it and its numbered siblings)."""
+    for name in topology.appliers:
+        if name.endswith(f"_{system}"):
+            return name
+    return f"archsync_apply_{system}"
+
+
+def open_applier(topology: Topology, settings: Settings, system: str, applier_cls: Any = None) -> Any:
+    """An applier for ``system`` under the first free replication origin.
+
+    PostgreSQL lets one session at a time use a replication origin: a second worker takes the next
+    numbered origin (``archsync_apply_<system>_2`` …), which the capture also skips."""
+    if applier_cls is None:
+        from connectors.applier import Applier
+
+        applier_cls = Applier
+    base = applier_origin(topology, system)
+    last_error: Exception | None = None
+    for n in range(1, 17):
+        origin = base if n == 1 else f"{base}_{n}"
+        try:
+            return applier_cls.for_topology(topology, settings, system, origin)
+        except Exception as exc:
+            last_error = exc
+            if "is already active" not in str(exc) and "in use" not in str(exc):
+                raise
+    raise RuntimeError(f"no free replication origin for the {system} applier: {last_error}")
+
+
+# -- the applier process ----------------------------------------------------------------------
+_child: dict[str, Any] = {}
+
+
+def _child_init(topology_yaml: str, path: str, settings: Settings, system: str) -> None:
+    # Linux: die with the worker (a SIGKILLed worker must not leave its origin taken)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker stops us (Ctrl-C goes to the group)
+    _child.update(topology=parse_topology(topology_yaml, path), settings=settings, system=system)
+
+
+def _child_apply(values: list[bytes]) -> tuple[Any, str]:
+    applier = _child.get("applier")
+    if applier is None:
+        applier = _child["applier"] = open_applier(_child["topology"], _child["settings"], _child["system"])
+    return applier.apply_batch([ApplyCommand.from_json(v) for v in values]), applier.origin
+
+
+class ApplyRunner:
+    """Applies batches of encoded commands for one target system (see the module's doc)."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        settings: Settings,
+        system: str,
+        *,
+        applier_cls: Any = None,
+        in_process: bool | None = None,
+    ) -> None:
+        self.topology = topology
+        self.settings = settings
+        self.system = system
+        self.applier_cls = applier_cls
+        if in_process is None:
+            in_process = applier_cls is None and os.environ.get("ARCHSYNC_APPLY_PROCESS", "1") != "0"
+        self.in_process = in_process
+        self._executor: Executor | None = None
+        self._applier: Any = None
+
+    def _start(self) -> Executor:
+        if self.in_process:
+            # spawn, not fork: the worker has threads (librdkafka, aiokafka) a fork would copy
+            # mid-flight; the topology is handed over as YAML and parsed again
+            return ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_child_init,
+                initargs=(
+                    yaml.safe_dump(dict(self.topology.raw), sort_keys=False, allow_unicode=True),
+                    self.topology.path,
+                    self.settings,
+                    self.system,
+                ),
+            )
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"apply-{self.system}")
+
+    def _apply_here(self, values: list[bytes]) -> tuple[Any, str]:
+        if self._applier is None:
+            self._applier = open_applier(self.topology, self.settings, self.system, self.applier_cls)
+        return self._applier.apply_batch([ApplyCommand.from_json(v) for v in values]), self._applier.origin
+
+    async def apply(self, values: list[bytes]) -> tuple[Any, str]:
+        """Apply one batch; (ApplyResult, replication origin)."""
+        if self._executor is None:
+            self._executor = self._start()  # from the event loop's thread (see PR_SET_PDEATHSIG)
+        fn = _child_apply if self.in_process else self._apply_here
+        return await asyncio.wrap_future(self._executor.submit(fn, values))
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None

@@ -86,6 +86,10 @@ CHAIN_FIELDS = ("seq", "prev_hash", "hash", "hash_alg")
 FACT_FIELDS = tuple(f for f in CANON_FIELDS if f not in CHAIN_FIELDS)
 _LIST_FIELDS = ("changed", "links")
 _REQUIRED = ("audit_id", "kind", "aggregate", "ts_ms")
+_FIELD_SET = frozenset(FACT_FIELDS)
+_OPTIONAL_FIELDS = _FIELD_SET - frozenset(_REQUIRED)
+_KIND_SET = frozenset(KINDS)
+_EMPTY_FACT = {f: None for f in FACT_FIELDS}
 
 
 class AuditError(ValueError):
@@ -232,12 +236,12 @@ def head(data: bytes) -> dict[str, Any]:
 
 def fact(kind: str, aggregate: str, ts_ms: int | None, ident: str, **fields: Any) -> dict[str, Any]:
     """A complete fact: every field of :data:`FACT_FIELDS` present (None / [] when not given)."""
-    if kind not in KINDS:
+    if kind not in _KIND_SET:
         raise AuditError(f"unknown audit kind {kind!r} (known: {', '.join(KINDS)})")
-    unknown = set(fields) - set(FACT_FIELDS)
+    unknown = fields.keys() - _FIELD_SET
     if unknown:
         raise AuditError(f"unknown audit field(s) {sorted(unknown)}")
-    out: dict[str, Any] = {f: ([] if f in _LIST_FIELDS else None) for f in FACT_FIELDS}
+    out: dict[str, Any] = dict(_EMPTY_FACT)  # the list fields are set below
     out.update(fields)
     out.update(audit_id=ident, kind=kind, aggregate=aggregate, ts_ms=int(ts_ms or 0))
     for f in _LIST_FIELDS:
@@ -258,7 +262,7 @@ def check_fact(data: Any) -> dict[str, Any]:
         str(data["aggregate"]),
         int(data["ts_ms"]),
         str(ident),
-        **{k: v for k, v in data.items() if k in FACT_FIELDS and k not in _REQUIRED},
+        **{k: v for k, v in data.items() if k in _OPTIONAL_FIELDS},
     )
 
 

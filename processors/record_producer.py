@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -43,7 +43,7 @@ from connectors.kafka_sink import producer_config
 
 log = logging.getLogger(__name__)
 
-Headers = Sequence[tuple[str, bytes]] | None
+Headers = list[tuple[str, str | bytes | None]] | None
 
 
 class RecordDeliveryError(RuntimeError):
@@ -102,25 +102,45 @@ class RecordProducer:
     ) -> None:
         """Queue one record (librdkafka sends it in the background)."""
         epoch = self._epoch
-        kwargs: dict[str, Any] = {"on_delivery": epoch.done}
-        if partition is not None:
-            kwargs["partition"] = partition
-        if headers:
-            kwargs["headers"] = list(headers)
-        while True:
-            try:
-                self._producer.produce(topic, value, key, **kwargs)
-                break
-            except BufferError:  # local queue full: let librdkafka send, then retry
-                self._producer.poll(0.05)
-            except KafkaException as exc:
-                raise RecordDeliveryError(f"{topic}: {exc}") from None
+        try:
+            self._producer.produce(
+                topic,
+                value,
+                key,
+                partition=-1 if partition is None else partition,  # -1: librdkafka's partitioner
+                on_delivery=epoch.done,
+                headers=headers,
+            )
+        except BufferError:  # local queue full: let librdkafka send, then retry
+            self._produce_full(topic, key, value, partition, headers, epoch)
+        except KafkaException as exc:
+            raise RecordDeliveryError(f"{topic}: {exc}") from None
         epoch.pending += 1
         self.produced += 1
         self._since_poll += 1
         if self._since_poll >= self.POLL_EVERY:
             self._since_poll = 0
             self._producer.poll(0)
+
+    def _produce_full(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None, headers: Headers, epoch: _Epoch
+    ) -> None:
+        while True:
+            self._producer.poll(0.05)
+            try:
+                self._producer.produce(
+                    topic,
+                    value,
+                    key,
+                    partition=-1 if partition is None else partition,
+                    on_delivery=epoch.done,
+                    headers=headers,
+                )
+                return
+            except BufferError:
+                continue
+            except KafkaException as exc:
+                raise RecordDeliveryError(f"{topic}: {exc}") from None
 
     def pending(self) -> int:
         """Records queued or in flight (not yet acknowledged)."""

@@ -9,13 +9,16 @@ status → APPROVED), which the pipeline turns into an archive item and its file
 2. capacity: ``BENCH_BURST`` forms (default 5,000) written at once; the rate at which the
    pipeline drains them is the highest sustained rate (beyond it lag grows).
 3. the capacity phase again with the audit agent in a worker of its own (``--role audit``), and
-   with the audit switched off: the audit's cost on throughput, measured in the same run.
+   with the audit switched off: the audit's cost on throughput, measured in the same run; the
+   three modes take turns for ``BENCH_REPEAT`` rounds (default 3) and the cost is averaged over
+   the rounds (this VM's speed drifts by ±30% within minutes).
 Peak RSS of the worker process and CPU seconds per row change from /proc.
 Results: benchmarks/results/pipeline.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -41,7 +44,9 @@ def progress(msg: str) -> None:
 
 
 def write_forms(p: Pipeline, tag: str, start: int, count: int) -> None:
-    """``count`` form lifecycles in two transactions (submit with attachment and trail; approve)."""
+    """``count`` form lifecycles in two transactions (submit with attachment and trail; approve).
+    Each block of 9,000 forms has a fonds of its own: item numbers have four digits per
+    fonds/class/year (more would be refused by the archive, rightly)."""
     nos = [f"B-{tag}-{i:07d}" for i in range(start, start + count)]
     p.sql(
         "oa",
@@ -50,7 +55,7 @@ def write_forms(p: Pipeline, tag: str, start: int, count: int) -> None:
         " RETURNING id, form_no), a AS (INSERT INTO oa_attachment (form_id, kind, file_name, size_bytes, sha256)"
         " SELECT id, 'EINVOICE_XML', 'inv.xml', 64, encode(sha256(form_no::bytea), 'hex') FROM f)"
         " INSERT INTO oa_approval_record (form_id, approver, node, action) SELECT id, 'bench', 'x', 'APPROVE' FROM f",
-        (f"BF{tag[:4]}", nos),
+        (f"BF{tag[:4]}{start // 9000}", nos),
     )
     p.sql(
         "oa", "UPDATE oa_form SET status = 'APPROVED', approved_at = clock_timestamp() WHERE form_no = ANY(%s)", (nos,)
@@ -69,6 +74,15 @@ def rss_peak(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process (the worker's applier processes)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -111,7 +125,9 @@ def start_pipeline(settings: Any, unique: str, audit: str) -> Pipeline:
 
 
 def worker_pids(p: Pipeline) -> list[int]:
-    return [w.pid for w in (p.worker, *p.extra_workers) if w is not None]
+    """The workers and their applier processes."""
+    pids = [w.pid for w in (p.worker, *p.extra_workers) if w is not None]
+    return pids + [c for pid in pids for c in child_pids(pid)]
 
 
 def steady_phase(p: Pipeline, tag: str, rate: int, seconds: float) -> dict[str, object]:
@@ -203,52 +219,72 @@ def cleanup(p: Pipeline, tag: str) -> None:
     p.sql("archive", "DELETE FROM arc_item WHERE source_ref LIKE %s", (f"B-{tag}-%",))
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def main() -> dict[str, object]:
     configure_logging("WARNING")
     rate = int(os.environ.get("BENCH_RATE", "1000"))
     seconds = float(os.environ.get("BENCH_SECONDS", "30"))
     burst = int(os.environ.get("BENCH_BURST", "5000"))
+    # the VM's speed drifts by ±30% within minutes: the modes take turns, BENCH_REPEAT rounds
+    repeat = int(os.environ.get("BENCH_REPEAT", "3"))
     settings = load_settings()
     result: dict[str, object] = {"benchmark": "pipeline"}
-    runs: dict[str, dict[str, float]] = {}
+    runs: dict[str, list[dict[str, float]]] = {}
     worker_rss = 0
+    apply_rss: list[int] = []
     modes = [m for m in os.environ.get("BENCH_AUDIT_MODES", ",".join(AUDIT_MODES)).split(",") if m in AUDIT_MODES]
     if "in-worker" not in modes:
         raise SystemExit("BENCH_AUDIT_MODES must include in-worker (the steady phase runs there)")
-    for audit in modes:
-        unique = uuid.uuid4().hex[:8]
-        progress(f"starting captures and a worker (audit: {audit})")
-        p = start_pipeline(settings, unique, audit)
-        try:
-            start = 0
-            if audit == "in-worker":
-                result.update(steady_phase(p, unique, rate, seconds))
-                start = int(result["steady_forms"])  # type: ignore[call-overload]
-            runs[audit] = capacity_phase(p, unique, start, burst)
-            if audit == "in-worker":
-                assert p.worker is not None
-                worker_rss = rss_peak(p.worker.pid)
-        finally:
-            cleanup(p, unique)
+    for round_no in range(repeat):
+        for audit in modes:
+            unique = uuid.uuid4().hex[:8]
+            progress(f"round {round_no + 1}/{repeat}: starting captures and a worker (audit: {audit})")
+            p = start_pipeline(settings, unique, audit)
+            try:
+                start = 0
+                steady = audit == "in-worker" and round_no == 0
+                if steady:
+                    result.update(steady_phase(p, unique, rate, seconds))
+                    start = int(result["steady_forms"])  # type: ignore[call-overload]
+                runs.setdefault(audit, []).append(capacity_phase(p, unique, start, burst))
+                if steady:
+                    assert p.worker is not None
+                    worker_rss = rss_peak(p.worker.pid)
+                    apply_rss = [rss_peak(pid) for pid in child_pids(p.worker.pid)]  # the applier processes
+            finally:
+                cleanup(p, unique)
     if len(runs) < len(AUDIT_MODES):  # a partial run (BENCH_AUDIT_MODES): print, keep the results file
         print(json.dumps({**result, "runs": runs, "worker_peak_rss_mib": round(worker_rss / 2**20, 1)}, indent=2))
         return result
-    on, split, off = runs["in-worker"], runs["separate"], runs["off"]
+
+    def avg(mode: str, field: str) -> float:
+        return mean([r[field] for r in runs[mode]])
+
+    def cost(mode: str) -> float:  # per round (the modes of a round ran minutes apart), then averaged
+        return 100 * mean([1 - a["capacity"] / b["capacity"] for a, b in zip(runs[mode], runs["off"], strict=True)])
+
     result.update(
         {
-            "capacity_row_changes_per_second": round(on["capacity"]),
+            "rounds": repeat,
+            "capacity_row_changes_per_second": round(avg("in-worker", "capacity")),
             "capacity_forms": burst,
-            "capacity_drain_seconds": round(on["drain"], 2),
-            "capacity_without_audit_row_changes_per_second": round(off["capacity"]),
-            "audit_cost_percent": round(100 * (1 - on["capacity"] / off["capacity"]), 1),
-            "capacity_audit_worker_apart_row_changes_per_second": round(split["capacity"]),
-            "audit_cost_percent_audit_worker_apart": round(100 * (1 - split["capacity"] / off["capacity"]), 1),
-            "pipeline_worker_cpu_ms_per_row_change_audit_worker_apart": round(split["worker_cpu_ms"], 3),
-            "worker_cpu_ms_per_row_change": round(on["worker_cpu_ms"], 3),
-            "worker_cpu_ms_per_row_change_without_audit": round(off["worker_cpu_ms"], 3),
-            "capture_cpu_ms_per_row_change": round(on["capture_cpu_ms"], 3),
+            "capacity_drain_seconds": round(avg("in-worker", "drain"), 2),
+            "capacity_without_audit_row_changes_per_second": round(avg("off", "capacity")),
+            "audit_cost_percent": round(cost("in-worker"), 1),
+            "capacity_audit_worker_apart_row_changes_per_second": round(avg("separate", "capacity")),
+            "audit_cost_percent_audit_worker_apart": round(cost("separate"), 1),
+            "capacity_per_round": {m: [round(r["capacity"]) for r in rs] for m, rs in runs.items()},
+            "pipeline_worker_cpu_ms_per_row_change_audit_worker_apart": round(avg("separate", "worker_cpu_ms"), 3),
+            "worker_cpu_ms_per_row_change": round(avg("in-worker", "worker_cpu_ms"), 3),
+            "worker_cpu_ms_per_row_change_without_audit": round(avg("off", "worker_cpu_ms"), 3),
+            "capture_cpu_ms_per_row_change": round(avg("in-worker", "capture_cpu_ms"), 3),
             "worker_peak_rss_mib": round(worker_rss / 2**20, 1),
-            "note": "row change = OA row change that flows; each form also produces archive and OA write-backs",
+            "applier_processes_peak_rss_mib": [round(r / 2**20, 1) for r in apply_rss],
+            "note": "row change = OA row change that flows; each form also produces archive and OA write-backs;"
+            " worker CPU includes its applier processes",
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

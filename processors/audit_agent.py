@@ -26,6 +26,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any
 
 import faust
@@ -76,6 +77,7 @@ def default_app_id(topology: Topology) -> str:
     return f"archsync-{topology.name}-{topology.topics.prefix}"
 
 
+@lru_cache(maxsize=65_536)  # murmur2 is pure Python; an aggregate's facts come in bunches
 def fact_partition(aggregate: str, partitions: int) -> int:
     """The partition of an aggregate's facts: Kafka's default (murmur2) partitioner."""
     return (murmur2(aggregate.encode()) & 0x7FFFFFFF) % partitions

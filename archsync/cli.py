@@ -156,16 +156,11 @@ def topology_apply(ctx: Context) -> None:
 @topology_group.command("show")
 @pass_ctx
 def topology_show(ctx: Context) -> None:
-    """Print the graph: sources → slots → topics."""
-    from connectors.catalog import split_table
+    """Print the graph: sources → captured topics → agents and flows → apply topics → databases."""
+    from topology.graph import topology_graph
 
-    topology = ctx.topology()
-    for name, source in topology.sources.items():
-        click.echo(f"{name} [{source.dsn_env}] --slot {source.slot} / publication {source.publication}-->")
-        for q in source.tables:
-            click.echo(f"    {q:36} --> {topology.topics.change_topic(name, *split_table(q))}")
-    click.echo(f"dead letters --> {topology.topics.dead_letter_topic('capture')}")
-    click.echo(f"own-origin writers skipped: {', '.join(topology.appliers)}")
+    for line in topology_graph(ctx.topology()):
+        click.echo(line)
 
 
 @cli.command()

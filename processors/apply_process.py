@@ -22,6 +22,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
@@ -71,10 +73,19 @@ def open_applier(topology: Topology, settings: Settings, system: str, applier_cl
 _child: dict[str, Any] = {}
 
 
-def _child_init(topology_yaml: str, path: str, settings: Settings, system: str) -> None:
-    # Linux: die with the worker (a SIGKILLed worker must not leave its origin taken)
+def _watch_parent(parent: int) -> None:
+    """Exit when the worker is gone (a SIGKILLed worker must not leave its origin taken)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _child_init(worker: int, topology_yaml: str, path: str, settings: Settings, system: str) -> None:
+    # die with the worker: Linux's parent-death signal, and a watcher for what it misses (a worker
+    # killed while we were still starting; the signal also follows the starting thread's exit)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    threading.Thread(target=_watch_parent, args=(worker,), name="watch-worker", daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker stops us (Ctrl-C goes to the group)
     _child.update(topology=parse_topology(topology_yaml, path), settings=settings, system=system)
 
@@ -117,6 +128,7 @@ class ApplyRunner:
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_child_init,
                 initargs=(
+                    os.getpid(),
                     yaml.safe_dump(dict(self.topology.raw), sort_keys=False, allow_unicode=True),
                     self.topology.path,
                     self.settings,

@@ -308,7 +308,13 @@ def change_fact(
         op=change.op,
         row_key=_key_json(change.key),
         changed=changed,
-        values=canonical_json({c: after[c] for c in changed}) if after is not None else None,
+        # an insert or a snapshot/replayed row (op c/r) carries the whole row: it is a row's full
+        # image wherever it comes in (an echo replayed after a restart is op r, and may change nothing)
+        values=(
+            None
+            if after is None
+            else canonical_json(dict(after) if change.op in ("c", "r") else {c: after[c] for c in changed})
+        ),
         before_digest=digest(before_image) if before_image is not None else None,
         after_digest=digest(after) if after is not None else None,
         source_lsn=change.commit_lsn,

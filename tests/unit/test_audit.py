@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from processors import audit
@@ -190,3 +191,16 @@ def test_report_counts_and_checks() -> None:
     assert [ok for _, ok, _ in bad.checks()] == [False, True, True, False]
     page = render_html(s, title="t", topic="p.audit", generated_ms=0)
     assert page.count("<svg") == 3 and "Authenticity" in page and ">4<" in page  # empty charts say "none"
+
+
+def test_a_replayed_row_that_changed_nothing_keeps_the_row_whole() -> None:
+    """An echo replayed after a restart comes as op r with the row as it is (nothing changed): its
+    fact carries the whole row, so ``state_at`` does not lose the columns it did not change."""
+    row = {"id": 1, "status": "RECEIVED", "archive_code": "KJ-0001"}
+    first = audit.change_fact("item:1", change("c", row, 100, 1000), None, row)
+    again = audit.change_fact("item:1", change("r", row, 200, 2000), row, row)
+    assert again["changed"] == [] and orjson.loads(again["values"]) == row
+    filed = {**row, "status": "FILED"}
+    update = audit.change_fact("item:1", change("u", filed, 300, 3000), row, filed)
+    at = audit.state_at(chained([first, again, update]), 3500)["oa.public.oa_form"]['{"id":1}']
+    assert at == filed

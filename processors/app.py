@@ -337,6 +337,10 @@ def _register_applier(
     runner = ApplyRunner(topology, settings, system, applier_cls=applier_cls)
 
     async def apply_agent(stream: faust.StreamT) -> None:
+        try:  # a process and a connection ready before the first batch (its latency)
+            await runner.open()
+        except Exception:  # the first batch retries and reports it
+            log.exception("the %s applier could not start yet", system)
         async for values in stream.take(batch_size, within=0.05):
             commands = [ApplyCommand.from_json(v) for v in values]
             started = time.perf_counter()

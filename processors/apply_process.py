@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import yaml
@@ -90,10 +91,19 @@ def _child_init(worker: int, topology_yaml: str, path: str, settings: Settings, 
     _child.update(topology=parse_topology(topology_yaml, path), settings=settings, system=system)
 
 
-def _child_apply(values: list[bytes]) -> tuple[Any, str]:
+def _child_applier() -> Any:
     applier = _child.get("applier")
     if applier is None:
         applier = _child["applier"] = open_applier(_child["topology"], _child["settings"], _child["system"])
+    return applier
+
+
+def _child_open() -> str:
+    return str(_child_applier().origin)
+
+
+def _child_apply(values: list[bytes]) -> tuple[Any, str]:
+    applier = _child_applier()
     return applier.apply_batch([ApplyCommand.from_json(v) for v in values]), applier.origin
 
 
@@ -137,19 +147,37 @@ class ApplyRunner:
             )
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"apply-{self.system}")
 
-    def _apply_here(self, values: list[bytes]) -> tuple[Any, str]:
+    def _open_here(self) -> str:
         if self._applier is None:
             self._applier = open_applier(self.topology, self.settings, self.system, self.applier_cls)
+        return str(self._applier.origin)
+
+    def _apply_here(self, values: list[bytes]) -> tuple[Any, str]:
+        self._open_here()
         return self._applier.apply_batch([ApplyCommand.from_json(v) for v in values]), self._applier.origin
 
-    async def apply(self, values: list[bytes]) -> tuple[Any, str]:
-        """Apply one batch; (ApplyResult, replication origin)."""
+    def _executor_now(self) -> Executor:
         if self._executor is None:
             self._executor = self._start()  # from the event loop's thread (see PR_SET_PDEATHSIG)
+        return self._executor
+
+    async def open(self) -> str:
+        """Start the applier (process, connection, replication origin) before the first batch, so
+        the first commands do not wait for it; returns the origin."""
+        fn = _child_open if self.in_process else self._open_here
+        return await asyncio.wrap_future(self._executor_now().submit(fn))
+
+    async def apply(self, values: list[bytes]) -> tuple[Any, str]:
+        """Apply one batch; (ApplyResult, replication origin). A dead applier process raises
+        ``BrokenProcessPool`` once; the next call starts a new one."""
         fn = _child_apply if self.in_process else self._apply_here
-        return await asyncio.wrap_future(self._executor.submit(fn, values))
+        try:
+            return await asyncio.wrap_future(self._executor_now().submit(fn, values))
+        except BrokenProcessPool:
+            self.close()
+            raise
 
     def close(self) -> None:
         if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None

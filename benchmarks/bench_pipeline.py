@@ -18,7 +18,6 @@ Results: benchmarks/results/pipeline.json.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -33,7 +32,7 @@ import yaml
 
 from archsync.logs import configure_logging
 from archsync.settings import load_settings
-from tests.integration.pipeline_kit import REPO, Pipeline
+from tests.integration.pipeline_kit import REPO, Pipeline, worker_children
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHANGES_PER_FORM = 4
@@ -74,15 +73,6 @@ def rss_peak(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-def child_pids(pid: int) -> list[int]:
-    """The direct children of a process (the worker's applier processes)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            out += [int(c) for c in (task / "children").read_text().split()]
-    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -127,7 +117,7 @@ def start_pipeline(settings: Any, unique: str, audit: str) -> Pipeline:
 def worker_pids(p: Pipeline) -> list[int]:
     """The workers and their applier processes."""
     pids = [w.pid for w in (p.worker, *p.extra_workers) if w is not None]
-    return pids + [c for pid in pids for c in child_pids(pid)]
+    return pids + [c for pid in pids for c in worker_children(pid)]
 
 
 def steady_phase(p: Pipeline, tag: str, rate: int, seconds: float) -> dict[str, object]:
@@ -253,7 +243,7 @@ def main() -> dict[str, object]:
                 if steady:
                     assert p.worker is not None
                     worker_rss = rss_peak(p.worker.pid)
-                    apply_rss = [rss_peak(pid) for pid in child_pids(p.worker.pid)]  # the applier processes
+                    apply_rss = [rss_peak(pid) for pid in worker_children(p.worker.pid)]  # the applier processes
             finally:
                 cleanup(p, unique)
     if len(runs) < len(AUDIT_MODES):  # a partial run (BENCH_AUDIT_MODES): print, keep the results file

@@ -38,6 +38,17 @@ def topology_yaml_for_test(unique: str, base: Path | None = None) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
+def worker_children(pid: int) -> list[int]:
+    """A process's children (the worker's applier processes), from /proc."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
 class Pipeline:
     """Captures in threads of the test process, the worker as a child process (so it can be killed)."""
 
@@ -105,9 +116,16 @@ class Pipeline:
         )
 
     def kill_worker(self) -> None:
+        """SIGKILL the worker; its applier processes must not outlive it (they would hold the
+        replication origins)."""
         assert self.worker is not None
+        children = worker_children(self.worker.pid)
         self.worker.send_signal(signal.SIGKILL)
         self.worker.wait(30)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{c}").exists() for c in children):
+            assert time.monotonic() < deadline, f"processes of the killed worker still alive: {children}"
+            time.sleep(0.1)
 
     def stop(self) -> None:
         for proc in (self.worker, self.audit_worker, *self.extra_workers):

@@ -22,6 +22,7 @@ State (changelog-backed Faust tables, rebuilt from Kafka on restart or rebalance
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -336,12 +337,19 @@ def _register_applier(
 
     runner = ApplyRunner(topology, settings, system, applier_cls=applier_cls)
 
-    async def apply_agent(stream: faust.StreamT) -> None:
-        try:  # a process and a connection ready before the first batch (its latency)
+    async def open_applier() -> None:
+        try:
             await runner.open()
         except Exception:  # the first batch retries and reports it
             log.exception("the %s applier could not start yet", system)
+
+    async def apply_agent(stream: faust.StreamT) -> None:
+        # the applier process and its connection start now, beside the stream (not before it: the
+        # agent reads its partitions from the start), so the first batch does not wait for them
+        opening = asyncio.ensure_future(open_applier())
         async for values in stream.take(batch_size, within=0.05):
+            if not opening.done():
+                await opening
             commands = [ApplyCommand.from_json(v) for v in values]
             started = time.perf_counter()
             result, origin = await runner.apply(values)

@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -40,7 +41,7 @@ from archsync.settings import Settings
 from connectors.kafka_admin import TopicSpec, ensure_topics
 from processors.apply_process import ApplyRunner
 from processors.audit_agent import audit_topic_specs, hooks_for, register_audit
-from processors.model import ApplyCommand, Change
+from processors.model import ApplyCommand, Change, Conflict
 from processors.normalise import normalise
 from processors.record_producer import OutputTopic, WorkerApp
 from processors.sync_modes import operations_topics
@@ -102,6 +103,13 @@ def dead_letter(stage: str, reason: str, original: bytes | None, **fields: Any) 
         },
         default=str,
     )
+
+
+async def send_conflicts(topic: Any, conflicts: Iterable[Conflict]) -> None:
+    """Conflicts (transform's or applier's) to the conflicts topic, counted."""
+    for conflict in conflicts:
+        metrics.CONFLICTS.labels(conflict.table, conflict.decision).inc()
+        await topic.send(key=conflict.table.encode(), value=conflict.to_json())
 
 
 READY_LINE = "archsync worker ready: partitions assigned, state recovered"
@@ -267,9 +275,7 @@ def create_app(
         for cmd in result.commands:
             metrics.TRANSFORMED.labels(cmd.flow).inc()
             await ops.topic_for(cmd, apply_out).send(key=cmd.aggregate_key.encode(), value=cmd.to_json())
-        for conflict in result.conflicts:
-            metrics.CONFLICTS.labels(conflict.table, conflict.decision).inc()
-            await conflicts.send(key=conflict.table.encode(), value=conflict.to_json())
+        await send_conflicts(conflicts, result.conflicts)
         for reason, rejected in result.rejected:
             metrics.DEAD_LETTERS.labels("transform", "rejected").inc()
             await dlq_transform.send(
@@ -369,9 +375,7 @@ def _register_applier(
                 n = getattr(result, outcome, 0)
                 if n:
                     metrics.APPLIED.labels(system, outcome).inc(n)
-            for conflict in result.conflicts:
-                metrics.CONFLICTS.labels(conflict.table, conflict.decision).inc()
-                await conflicts.send(key=conflict.table.encode(), value=conflict.to_json())
+            await send_conflicts(conflicts, result.conflicts)
             for cmd, reason in result.failed:
                 metrics.DEAD_LETTERS.labels("apply", "failed").inc()
                 await dlq_apply.send(

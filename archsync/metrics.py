@@ -46,6 +46,11 @@ CONFIRMED_LSN = Gauge(
 CAPTURE_ACTIVE = Gauge(
     "archsync_capture_active", "1 when this process holds the source's capture lock and streams", ["source"]
 )
+PARTITION_STALLED = Gauge(
+    "archsync_partition_stalled",
+    "1 while an assigned partition has records waiting and the worker has read none for a while",
+    ["topic", "partition"],
+)
 HEARTBEATS = Counter("archsync_heartbeats_total", "Heartbeats that went around the source", ["source"])
 
 

@@ -41,6 +41,7 @@ from archsync.settings import Settings
 from connectors.kafka_admin import TopicSpec, ensure_topics
 from processors.apply_process import ApplyRunner
 from processors.audit_agent import audit_topic_specs, hooks_for, register_audit
+from processors.consumer_watch import ConsumerWatch
 from processors.model import ApplyCommand, Change, Conflict
 from processors.normalise import normalise
 from processors.record_producer import OutputTopic, WorkerApp
@@ -154,6 +155,8 @@ def _new_app(app_id: str, topology: Topology, settings: Settings) -> WorkerApp:
         consumer_max_fetch_size=int(os.environ.get("ARCHSYNC_WORKER_FETCH_BYTES", str(512 * 1024))),
     )
     app.sensors.add(ReadySensor())
+    watch = ConsumerWatch(app)
+    app.timer(5.0)(watch.check)  # a partition left unread after a rebalance: reported, fetched again
     return app
 
 
@@ -216,9 +219,7 @@ def create_app(
         .relative_to_stream()
     )
     # values are the state's own orjson bytes (faust's json codec was a large part of the cost)
-    aggregates = app.Table(
-        "aggregates", default=None, partitions=partitions, key_type=bytes, value_type=bytes
-    )
+    aggregates = app.Table("aggregates", default=None, partitions=partitions, key_type=bytes, value_type=bytes)
     # their changelog records wait until the records derived from the same events are in Kafka
     app.defer_changelog(dedupe, aggregates)
     codec = ChangeEventCodec()

@@ -40,6 +40,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from faust.tables.wrappers import WindowWrapper
 
 from connectors.kafka_sink import producer_config
+from processors.worker_consumer import WorkerTransport
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,9 @@ class WorkerApp(faust.App):
         deferred = self.__dict__.setdefault("_deferred_changelog", DeferredChangelog())
         for table in tables:
             deferred.attach(table)
+
+    def _new_transport(self) -> Any:
+        return WorkerTransport(self.conf.broker_consumer, self)  # its consumer keeps fetched records
 
     def _new_producer(self) -> Any:
         producer = super()._new_producer()

@@ -315,62 +315,120 @@ def _item(obj: Any, key: Any) -> Any:
     raise ExpressionError(f"cannot read {key!r} of a {type(obj).__name__}")
 
 
-def _eval(node: ast.AST, ctx: Mapping[str, Any]) -> Any:
+Evaluator = Callable[[Mapping[str, Any]], Any]
+
+
+def _compile(node: ast.AST) -> Evaluator:
+    """The checked tree as nested closures: evaluating walks no AST (what an AST walk per node and
+    evaluation cost was most of the transform's time)."""
     if isinstance(node, ast.Constant):
-        return node.value
+        value = node.value
+        return lambda ctx: value
     if isinstance(node, ast.Name):
-        return ctx.get(node.id)
+        name = node.id
+        return lambda ctx: ctx.get(name)
     if isinstance(node, ast.Attribute):
-        obj = _eval(node.value, ctx)
-        if obj is not None and not isinstance(obj, Mapping):
-            raise ExpressionError(f"cannot read {node.attr!r} of a {type(obj).__name__}")
-        return _item(obj, node.attr)
-    if isinstance(node, ast.Subscript):
-        return _item(_eval(node.value, ctx), _eval(node.slice, ctx))
-    if isinstance(node, ast.BoolOp):
-        result: Any = None
-        for sub in node.values:
-            result = _eval(sub, ctx)
-            if isinstance(node.op, ast.And) and not result:
-                return result
-            if isinstance(node.op, ast.Or) and result:
-                return result
-        return result
-    if isinstance(node, ast.Compare):
-        left = _eval(node.left, ctx)
-        for op, comp in zip(node.ops, node.comparators, strict=True):
-            right = _eval(comp, ctx)
-            if not _CMPOPS[type(op)](left, right):
-                return False
-            left = right
-        return True
-    if isinstance(node, ast.UnaryOp):
-        return _UNARY[type(node.op)](_eval(node.operand, ctx))
-    if isinstance(node, ast.BinOp):
-        return _BINOPS[type(node.op)](_eval(node.left, ctx), _eval(node.right, ctx))
-    if isinstance(node, ast.IfExp):
-        return _eval(node.body, ctx) if _eval(node.test, ctx) else _eval(node.orelse, ctx)
-    if isinstance(node, ast.Tuple):
-        return tuple(_eval(e, ctx) for e in node.elts)
-    if isinstance(node, ast.List):
-        return [_eval(e, ctx) for e in node.elts]
-    if isinstance(node, ast.Dict):
-        return {_eval(k, ctx): _eval(v, ctx) for k, v in zip(node.keys, node.values, strict=True) if k is not None}
-    if isinstance(node, ast.Call):
-        args = [_eval(a, ctx) for a in node.args]
-        if isinstance(node.func, ast.Attribute):  # mapping.get(key[, default])
-            obj = _eval(node.func.value, ctx)
+        of = _compile(node.value)
+        attr = node.attr
+
+        def attribute(ctx: Mapping[str, Any]) -> Any:
+            obj = of(ctx)
             if obj is None:
-                return args[1] if len(args) > 1 else None
+                return None
             if not isinstance(obj, Mapping):
-                raise ExpressionError(f".get() on a {type(obj).__name__}")
-            return obj.get(*args)
+                raise ExpressionError(f"cannot read {attr!r} of a {type(obj).__name__}")
+            return obj.get(attr)
+
+        return attribute
+    if isinstance(node, ast.Subscript):
+        of, index = _compile(node.value), _compile(node.slice)
+        return lambda ctx: _item(of(ctx), index(ctx))
+    if isinstance(node, ast.BoolOp):
+        subs = [_compile(sub) for sub in node.values]
+        if isinstance(node.op, ast.And):
+
+            def all_of(ctx: Mapping[str, Any]) -> Any:
+                result: Any = None
+                for sub in subs:
+                    result = sub(ctx)
+                    if not result:
+                        return result
+                return result
+
+            return all_of
+
+        def any_of(ctx: Mapping[str, Any]) -> Any:
+            result: Any = None
+            for sub in subs:
+                result = sub(ctx)
+                if result:
+                    return result
+            return result
+
+        return any_of
+    if isinstance(node, ast.Compare):
+        first = _compile(node.left)
+        steps = [(_CMPOPS[type(op)], _compile(comp)) for op, comp in zip(node.ops, node.comparators, strict=True)]
+        if len(steps) == 1:
+            ((compare, second),) = steps
+            return lambda ctx: bool(compare(first(ctx), second(ctx)))
+
+        def chain(ctx: Mapping[str, Any]) -> bool:
+            left = first(ctx)
+            for compare, comp in steps:
+                right = comp(ctx)
+                if not compare(left, right):
+                    return False
+                left = right
+            return True
+
+        return chain
+    if isinstance(node, ast.UnaryOp):
+        unary, operand = _UNARY[type(node.op)], _compile(node.operand)
+        return lambda ctx: unary(operand(ctx))
+    if isinstance(node, ast.BinOp):
+        binop, left, right = _BINOPS[type(node.op)], _compile(node.left), _compile(node.right)
+        return lambda ctx: binop(left(ctx), right(ctx))
+    if isinstance(node, ast.IfExp):
+        test, body, orelse = _compile(node.test), _compile(node.body), _compile(node.orelse)
+        return lambda ctx: body(ctx) if test(ctx) else orelse(ctx)
+    if isinstance(node, ast.Tuple):
+        elts = [_compile(e) for e in node.elts]
+        return lambda ctx: tuple(e(ctx) for e in elts)
+    if isinstance(node, ast.List):
+        elts = [_compile(e) for e in node.elts]
+        return lambda ctx: [e(ctx) for e in elts]
+    if isinstance(node, ast.Dict):
+        pairs = [(_compile(k), _compile(v)) for k, v in zip(node.keys, node.values, strict=True) if k is not None]
+        return lambda ctx: {k(ctx): v(ctx) for k, v in pairs}
+    if isinstance(node, ast.Call):
+        args = [_compile(a) for a in node.args]
+        if isinstance(node.func, ast.Attribute):  # mapping.get(key[, default])
+            of = _compile(node.func.value)
+
+            def get(ctx: Mapping[str, Any]) -> Any:
+                values = [a(ctx) for a in args]
+                obj = of(ctx)
+                if obj is None:
+                    return values[1] if len(values) > 1 else None
+                if not isinstance(obj, Mapping):
+                    raise ExpressionError(f".get() on a {type(obj).__name__}")
+                return obj.get(*values)
+
+            return get
         assert isinstance(node.func, ast.Name)
         name = node.func.id
         if name in CONTEXT_FUNCTIONS:
-            return CONTEXT_FUNCTIONS[name](ctx, *args)
-        kwargs = {kw.arg: _eval(kw.value, ctx) for kw in node.keywords if kw.arg is not None}
-        return FUNCTIONS[name](*args, **kwargs)
+            context_function = CONTEXT_FUNCTIONS[name]
+            return lambda ctx: context_function(ctx, *[a(ctx) for a in args])
+        function = FUNCTIONS[name]
+        keywords = [(kw.arg, _compile(kw.value)) for kw in node.keywords if kw.arg is not None]
+        if not keywords:
+            if len(args) == 1:
+                (only,) = args
+                return lambda ctx: function(only(ctx))
+            return lambda ctx: function(*[a(ctx) for a in args])
+        return lambda ctx: function(*[a(ctx) for a in args], **{k: v(ctx) for k, v in keywords})
     raise ExpressionError(f"cannot evaluate {type(node).__name__}")  # unreachable after _check
 
 
@@ -381,11 +439,12 @@ class Expression:
         self.text = text
         self.where = where
         self._tree = tree
+        self._evaluate = _compile(tree.body)
 
     def __call__(self, ctx: Mapping[str, Any]) -> Any:
         """Evaluate; any failure is raised as :class:`ExpressionError` naming ``where``."""
         try:
-            return _eval(self._tree.body, ctx)
+            return self._evaluate(ctx)
         except ExpressionError as exc:
             raise ExpressionError(f"{self.where}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - TypeError, DomainError, ZeroDivisionError...

@@ -266,6 +266,13 @@ def parse_topology(text: str, path: str = "<memory>") -> Topology:
         replication_factor=r.get(t, ("topics",), "replication_factor", int, 1),
         config={str(k): str(v) for k, v in r.get(t, ("topics",), "config", dict, {}).items()},
     )
+    if "compact" in topics.config.get("cleanup.policy", "delete"):
+        # the worker commits contiguous offsets (processors/worker_consumer.py): a compacted input
+        # topic has holes in its offsets, read as records gone missing
+        raise r.fail(
+            ("topics", "config", "cleanup.policy"),
+            "the pipeline's topics cannot be compacted (the worker reads every offset); use retention",
+        )
     sources_raw = r.get(top, (), "sources", dict)
     if not sources_raw:
         raise r.fail(("sources",), "at least one source is needed")

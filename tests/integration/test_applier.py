@@ -830,8 +830,16 @@ def test_echo_commands_read_back_the_written_row(
     file_cmd = cmds(
         "public.arc_file",
         "upsert",
-        {"item_id": {"$lookup": {"table": "public.arc_item", "column": "id",
-                                 "where": {"source_system": "oa", "source_ref": f"{items}-1"}}}, "seq": 1},
+        {
+            "item_id": {
+                "$lookup": {
+                    "table": "public.arc_item",
+                    "column": "id",
+                    "where": {"source_system": "oa", "source_ref": f"{items}-1"},
+                }
+            },
+            "seq": 1,
+        },
         {"file_name": "a.xml", "sha256": "ab" * 32},
         lsn=1,
         order=1,
@@ -840,7 +848,10 @@ def test_echo_commands_read_back_the_written_row(
     assert (result.applied, result.failed, result.isolated) == (2, [], False)
     [change] = echo_changes(result, "archive", applier.origin)
     assert (change.system, change.table, change.op, change.origin) == (
-        "archive", "public.arc_item", "c", applier.origin
+        "archive",
+        "public.arc_item",
+        "c",
+        applier.origin,
     )
     assert change.after is not None and change.key == {"id": change.after["id"]}
     assert change.after["archive_code"] == f"{items}-KJ·2026·Y30-0001-0001" and change.after["status"] == "RECEIVED"

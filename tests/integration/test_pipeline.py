@@ -93,8 +93,10 @@ def test_approved_form_is_archived_and_the_code_flows_back(pipeline: Pipeline, u
     assert {r[0] for r in files} == expected
     # the item as the archive wrote it (its new code) is echoed back onto the OA form at once
     p.wait_for(
-        lambda: p.sql("oa", "SELECT archive_code, archive_status FROM oa_form WHERE id = %s", (form_id,))
-        == [(item["archive_code"], "RECEIVED")],
+        lambda: (
+            p.sql("oa", "SELECT archive_code, archive_status FROM oa_form WHERE id = %s", (form_id,))
+            == [(item["archive_code"], "RECEIVED")]
+        ),
         60,
         "the archival code on the OA form",
     )
@@ -406,9 +408,7 @@ def test_two_workers_share_the_work_and_survive_one_dying(pipeline: Pipeline, un
     assert p.sql("archive", "SELECT 1 FROM pg_replication_origin WHERE roname = 'archsync_apply_archive_2'")
 
 
-def test_refused_write_is_recorded_on_the_conflicts_topic(
-    settings: Settings, unique: str, tmp_path: Path
-) -> None:
+def test_refused_write_is_recorded_on_the_conflicts_topic(settings: Settings, unique: str, tmp_path: Path) -> None:
     """A flow writing a column the other side owns: the column is dropped, the rest applied, and
     the conflict (both versions, the decision, the source event) lands on ``<prefix>.conflicts``."""
     import orjson
@@ -477,8 +477,15 @@ def test_rejected_change_is_dead_lettered_and_replayed_after_a_topology_fix(
         cli = [str(repo / ".venv" / "bin" / "archsync"), "--topology", str(p.file)]
         listing = p.wait_for(
             lambda: (
-                (r := subprocess.run([*cli, "dlq", "list", "--stage", "transform"], capture_output=True, text=True,
-                                     env=p.env, timeout=60))
+                (
+                    r := subprocess.run(
+                        [*cli, "dlq", "list", "--stage", "transform"],
+                        capture_output=True,
+                        text=True,
+                        env=p.env,
+                        timeout=60,
+                    )
+                )
                 and "PAYMENT" in r.stdout
                 and r.stdout
             ),

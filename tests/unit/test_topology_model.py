@@ -38,6 +38,10 @@ def test_unknown_source_lists_known() -> None:
         ("version: 1\nsources:\n  oa:\n    tables: [public.t]\n    snapshot: sometimes\n", "must be one of"),
         ("version: 1\nsources: [\n", "not valid YAML"),
         ("version: 1\n", "missing required key 'sources'"),
+        (
+            "version: 1\ntopics:\n  config:\n    cleanup.policy: compact\nsources: {}\n",
+            ":4: topics.config.cleanup.policy: the pipeline's topics cannot be compacted",
+        ),
     ],
 )
 def test_errors_name_key_and_line(text: str, needle: str) -> None:

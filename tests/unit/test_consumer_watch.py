@@ -1,0 +1,58 @@
+"""The stall decision of the consumer watch (pure: positions and end offsets over time)."""
+
+from processors.consumer_watch import Progress, watch_step
+
+
+def test_a_partition_behind_with_no_progress_stalls_after_the_period() -> None:
+    progress: dict[str, Progress] = {}
+    progress, stalled = watch_step(progress, {"a": 5}, {"a": 9}, now=0.0, stall_after=20)
+    assert stalled == []
+    progress, stalled = watch_step(progress, {"a": 5}, {"a": 9}, now=19.9, stall_after=20)
+    assert stalled == []
+    progress, stalled = watch_step(progress, {"a": 5}, {"a": 12}, now=20.0, stall_after=20)
+    assert stalled == ["a"]
+    assert progress["a"] == Progress(5, 12, 0.0)
+
+
+def test_progress_or_catching_up_restarts_the_period() -> None:
+    progress, _ = watch_step({}, {"a": 5, "b": 9}, {"a": 9, "b": 9}, now=0.0, stall_after=20)
+    progress, stalled = watch_step(progress, {"a": 6, "b": 9}, {"a": 9, "b": 9}, now=15.0, stall_after=20)
+    assert stalled == [] and progress["a"].since == 15.0
+    # b was caught up (nothing waiting): new records start its period now, not at 0
+    progress, stalled = watch_step(progress, {"a": 6, "b": 9}, {"a": 9, "b": 14}, now=30.0, stall_after=20)
+    assert stalled == [] and progress["b"].since == 30.0
+    progress, stalled = watch_step(progress, {"a": 6, "b": 9}, {"a": 9, "b": 14}, now=50.0, stall_after=20)
+    assert sorted(stalled) == ["a", "b"]
+
+
+def test_an_idle_partition_never_stalls_and_unknown_ends_are_skipped() -> None:
+    progress, stalled = watch_step({}, {"a": 7, "b": 3}, {"a": 7}, now=0.0)
+    progress, stalled = watch_step(progress, {"a": 7, "b": 3}, {"a": 7}, now=1000.0)
+    assert stalled == [] and "b" not in progress
+
+
+def test_undelivered_names_the_first_record_not_handed_on_per_partition() -> None:
+    from types import SimpleNamespace
+
+    from processors.worker_consumer import undelivered
+
+    def recs(*offsets: int) -> list[SimpleNamespace]:
+        return [SimpleNamespace(offset=o) for o in offsets]
+
+    records = {"a": recs(14, 15, 16), "b": recs(3, 4), "c": recs(9)}
+    assert undelivered(records, {"a": 1, "b": 2}) == {"a": 15, "c": 9}
+    assert undelivered(records, {"a": 3, "b": 2, "c": 1}) == {}
+    assert undelivered({}, {}) == {}
+
+
+def test_commits_are_contiguous_from_the_committed_offset() -> None:
+    from processors.worker_consumer import committable_run
+
+    assert committable_run([16, 17, 18], 14) == (None, 0)  # 14 and 15 vanished: nothing to commit
+    assert committable_run([15, 16], 14) == (None, 0)  # Faust's check let this one through
+    acked = [16, 14, 15, 18]
+    assert committable_run(acked, 14) == (17, 3) and acked == [14, 15, 16, 18]
+    # read again after a seek: offsets below the committed one are done, duplicates are harmless
+    assert committable_run([12, 13, 14, 14, 15], 14) == (16, 5)
+    assert committable_run([9, 10], 14) == (None, 2)
+    assert committable_run([5, 6, 8], None) == (7, 2)  # nothing committed yet: the first run

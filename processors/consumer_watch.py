@@ -26,6 +26,10 @@ from archsync import metrics
 log = logging.getLogger(__name__)
 
 STALL_SECONDS = 15.0  # a partition with records waiting and no progress this long is stalled
+# right after a rebalance (when Faust loses records) a partition is stalled sooner: nothing queued
+# or in processing there means records vanished, not a slow agent
+STALL_SECONDS_AFTER_REBALANCE = 5.0
+AFTER_REBALANCE = 60.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class ConsumerWatch:
         self.progress: dict[Any, Progress] = {}
         self.reported: set[Any] = set()
         self.attempted: dict[Any, float] = {}  # when a stalled partition was last sought back
+        self.rebalanced_at = time.monotonic()  # the worker starts with a rebalance
         self.resumed = 0
 
     def _positions(self, consumer: Any, tps: list[Any]) -> dict[Any, int]:
@@ -119,6 +124,7 @@ class ConsumerWatch:
         app = self.app
         if app.rebalancing or getattr(app, "in_recovery", False) or app.consumer is None:
             self.progress = {}
+            self.rebalanced_at = time.monotonic()
             return
         consumer = app.consumer
         try:
@@ -129,11 +135,13 @@ class ConsumerWatch:
             return
         ends = await consumer.highwaters(*tps)
         positions = self._positions(consumer, tps)
-        self.progress, stalled = watch_step(self.progress, positions, ends, time.monotonic(), self.stall_after)
-        now_stalled = set(stalled)
         now = time.monotonic()
+        after = STALL_SECONDS_AFTER_REBALANCE if now - self.rebalanced_at < AFTER_REBALANCE else self.stall_after
+        after = min(after, self.stall_after)
+        self.progress, stalled = watch_step(self.progress, positions, ends, now, after)
+        now_stalled = set(stalled)
         for tp in stalled:
-            if now - self.attempted.get(tp, -self.stall_after) < self.stall_after:
+            if now - self.attempted.get(tp, -after) < after:
                 continue  # tried a moment ago; give the seek time to work
             self.attempted[tp] = now
             state = self.state_of(tp)
@@ -154,8 +162,7 @@ class ConsumerWatch:
     def _report(self, tp: Any, state: dict[str, Any]) -> None:
         # the state in the message too: Faust's log handler drops ``extra``
         log.warning(
-            "partition stalled: records waiting and none read for %.0f s: %s[%d] %s",
-            self.stall_after,
+            "partition stalled: records waiting and none processed for a while: %s[%d] %s",
             tp.topic,
             tp.partition,
             " ".join(f"{k}={v}" for k, v in state.items()),
@@ -206,6 +213,20 @@ class ConsumerWatch:
         consumer.resume_partitions({tp})
         position = state.get("position")
         in_flight = state.get("unacked") or state.get("queued")
+        if position is not None and not in_flight:
+            earliest = (await consumer.earliest_offsets(tp)).get(tp)
+            if earliest is not None and earliest > position:
+                # retention deleted records before the worker read them: they cannot be read again,
+                # and the contiguous commits must start where the partition now starts
+                log.error(
+                    "records of %s[%d] deleted by retention before they were processed: offsets %d to %d",
+                    tp.topic,
+                    tp.partition,
+                    position,
+                    earliest - 1,
+                )
+                consumer._committed_offset[tp] = earliest
+                return
         if position is not None and (state.get("kafka_position") or 0) > position and not in_flight:
             log.warning("seeking stalled partition %s[%d] back to %d", tp.topic, tp.partition, position)
             await consumer.seek(tp, position)

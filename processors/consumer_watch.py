@@ -93,6 +93,21 @@ def task_stacks(depth: int = 12) -> str:
     return out.getvalue()
 
 
+def remedy(state: Mapping[str, Any], earliest: int | None) -> tuple[str, int]:
+    """What to do for a stalled partition, from its consumer state: ``("seek", committed)`` when
+    aiokafka's position is past the committed offset and no record of it is queued or in
+    processing (records vanished on their way to the agents); ``("retention", earliest)`` when the
+    partition now starts after the committed offset; ``("none", 0)`` otherwise."""
+    position = state.get("position")
+    if position is None or state.get("unacked") or state.get("queued"):
+        return "none", 0
+    if earliest is not None and earliest > position:
+        return "retention", earliest
+    if (state.get("kafka_position") or 0) > position:
+        return "seek", position
+    return "none", 0
+
+
 class ConsumerWatch:
     """A timer of the worker: finds stalled partitions, reports them, asks Faust to fetch them."""
 
@@ -211,23 +226,22 @@ class ConsumerWatch:
         consumer = self.app.consumer
         consumer._buffered_partitions.discard(tp)
         consumer.resume_partitions({tp})
-        position = state.get("position")
-        in_flight = state.get("unacked") or state.get("queued")
-        if position is not None and not in_flight:
+        earliest = None
+        if state.get("position") is not None and not (state.get("unacked") or state.get("queued")):
             earliest = (await consumer.earliest_offsets(tp)).get(tp)
-            if earliest is not None and earliest > position:
-                # retention deleted records before the worker read them: they cannot be read again,
-                # and the contiguous commits must start where the partition now starts
-                log.error(
-                    "records of %s[%d] deleted by retention before they were processed: offsets %d to %d",
-                    tp.topic,
-                    tp.partition,
-                    position,
-                    earliest - 1,
-                )
-                consumer._committed_offset[tp] = earliest
-                return
-        if position is not None and (state.get("kafka_position") or 0) > position and not in_flight:
-            log.warning("seeking stalled partition %s[%d] back to %d", tp.topic, tp.partition, position)
-            await consumer.seek(tp, position)
+        action, offset = remedy(state, earliest)
+        if action == "retention":
+            # retention deleted records before the worker read them: they cannot be read again,
+            # and the contiguous commits must start where the partition now starts
+            log.error(
+                "records of %s[%d] deleted by retention before they were processed: offsets %d to %d",
+                tp.topic,
+                tp.partition,
+                state["position"],
+                offset - 1,
+            )
+            consumer._committed_offset[tp] = offset
+        elif action == "seek":
+            log.warning("seeking stalled partition %s[%d] back to %d", tp.topic, tp.partition, offset)
+            await consumer.seek(tp, offset)
         self.resumed += 1

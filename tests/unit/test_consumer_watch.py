@@ -56,3 +56,15 @@ def test_commits_are_contiguous_from_the_committed_offset() -> None:
     assert committable_run([12, 13, 14, 14, 15], 14) == (16, 5)
     assert committable_run([9, 10], 14) == (None, 2)
     assert committable_run([5, 6, 8], None) == (7, 2)  # nothing committed yet: the first run
+
+
+def test_remedy_seeks_back_only_what_vanished() -> None:
+    from processors.consumer_watch import remedy
+
+    vanished = {"position": 27, "kafka_position": 30, "unacked": 0, "queued": 0}
+    assert remedy(vanished, 0) == ("seek", 27)
+    assert remedy({**vanished, "unacked": 2}, 0) == ("none", 0)  # in processing: wait
+    assert remedy({**vanished, "queued": 1}, 0) == ("none", 0)
+    assert remedy({**vanished, "kafka_position": 27}, 0) == ("none", 0)  # not fetched: nothing to redo
+    assert remedy(vanished, 29) == ("retention", 29)  # 27, 28 deleted before they were read
+    assert remedy({"position": None}, None) == ("none", 0)

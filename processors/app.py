@@ -42,7 +42,7 @@ from connectors.kafka_admin import TopicSpec, ensure_topics
 from processors.apply_process import ApplyRunner
 from processors.audit_agent import audit_topic_specs, hooks_for, register_audit
 from processors.consumer_watch import ConsumerWatch
-from processors.model import ApplyCommand, Change, Conflict
+from processors.model import ApplyCommand, Change, Conflict, kept
 from processors.normalise import normalise
 from processors.record_producer import OutputTopic, WorkerApp
 from processors.sync_modes import operations_topics
@@ -269,10 +269,10 @@ def create_app(
                     event_id=change.event_id,
                 ),
             )
-            aggregates[key_bytes] = state.to_json()
+            aggregates[key_bytes] = kept(state.to_json())
             await audit.transformed(key, change, state, None, f"{type(exc).__name__}: {exc}")
             return
-        aggregates[key_bytes] = state.to_json()
+        aggregates[key_bytes] = kept(state.to_json())
         for cmd in result.commands:
             metrics.TRANSFORMED.labels(cmd.flow).inc()
             await ops.topic_for(cmd, apply_out).send(key=cmd.aggregate_key.encode(), value=cmd.to_json())

@@ -36,7 +36,7 @@ from aiokafka.partitioner import murmur2
 from archsync import metrics
 from connectors.kafka_admin import TopicSpec
 from processors import audit
-from processors.model import ApplyCommand, Change
+from processors.model import ApplyCommand, Change, kept
 from processors.record_producer import WorkerApp
 from topology.audit_config import audit_config
 from topology.model import Topology
@@ -330,7 +330,7 @@ def register_audit(app: faust.App, topology: Topology, settings: Any, *, agent: 
                 )
                 continue
             for aggregate, aggregate_facts in group_facts(facts).items():  # each aggregate's in order
-                table_key = orjson.dumps(aggregate)
+                table_key = kept(orjson.dumps(aggregate))
                 stored = chains.get(table_key)
                 state = audit.ChainState.from_dict(orjson.loads(stored) if stored else None)
                 for one in aggregate_facts:
@@ -340,7 +340,7 @@ def register_audit(app: faust.App, topology: Topology, settings: Any, *, agent: 
                     )
                     if not replayed:
                         metrics.AUDIT_EVENTS.labels(record["kind"]).inc()
-                chains[table_key] = orjson.dumps(state.to_dict())
+                chains[table_key] = kept(orjson.dumps(state.to_dict()))
 
     @app.timer(30.0)  # reads every chain head this worker holds: not too often
     async def audit_gauges() -> None:

@@ -607,3 +607,23 @@ def test_acme_claim_syncs_with_yaml_only() -> None:
     assert item_cmd.values["title"] == "Claim C-77" and item_cmd.values["fonds_code"] == "F002"
     assert file_cmd.match["seq"] == 3 and file_cmd.values["format"] == "XML"
     assert result.conflicts == [] and result.rejected == []
+
+
+def test_bytes_kept_in_tables_are_their_own_size() -> None:
+    import sys
+    import tracemalloc
+
+    import orjson
+
+    from processors.model import kept
+
+    tracemalloc.start()
+    try:
+        data = orjson.dumps({"key": "form:1"})
+        before = tracemalloc.get_traced_memory()[0]
+        copy = kept(data)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert copy == data
+    assert grown <= sys.getsizeof(copy) + 64  # orjson's own result holds a 4 KiB buffer

@@ -52,8 +52,13 @@ from topology.model import Topology
 
 log = logging.getLogger(__name__)
 
+# Event ids are remembered in tumbling windows of the records' Kafka timestamps; a lookup checks the
+# current and the previous window, so the horizon is 10 to 20 minutes (a capture re-sending what
+# Kafka had not acknowledged does so within seconds; older replays are dropped by their source
+# position in the aggregate's state). Windows expire once nothing can look them up any more: each
+# remembered id costs ~0.5 KB, and the 2 h expiry of earlier versions held up to 7M ids at capacity.
 DEDUPE_WINDOW = timedelta(minutes=10)
-DEDUPE_EXPIRES = timedelta(hours=2)
+DEDUPE_EXPIRES = timedelta(minutes=25)
 
 
 def pipeline_topics(topology: Topology) -> dict[str, str]:

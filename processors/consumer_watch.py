@@ -1,14 +1,15 @@
 """Watch the worker's assigned partitions for a stall: records waiting in a partition that the worker
 has stopped reading (its position unchanged while the partition's end offset is ahead of it).
 
-A stall is logged once as a structured warning with the consumer's state for that partition (Faust's
+A stall is logged once as a warning with the consumer's state for that partition (Faust's
 active / paused / buffered sets, aiokafka's fetch state) and shown as ``archsync_partition_stalled``;
 the worker then seeks the partition back to its committed offset, so what is waiting is read again
 (see :func:`ConsumerWatch._resume` and ``processors/worker_consumer.py`` for how Faust loses track
 of records in a rebalance).
 
-The decision is a pure function (:func:`watch_step`) over snapshots of positions; the I/O (reading
-end offsets, the consumer's state) sits in :class:`ConsumerWatch`.
+The decisions are pure functions (:func:`watch_step` over snapshots of positions, :func:`remedy` over
+a partition's consumer state); the I/O (end offsets, the consumer's state, the seek) sits in
+:class:`ConsumerWatch`.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def watch_step(
         if end is None:
             continue
         prev = before.get(tp)
-        moved = prev is None or prev.position != position or not prev.behind
-        since = now if moved else prev.since  # type: ignore[union-attr]
+        still = prev is not None and prev.position == position and prev.behind
+        since = prev.since if still and prev is not None else now
         progress = Progress(position, end, since)
         after[tp] = progress
         if progress.behind and now - since >= stall_after:
@@ -118,7 +119,6 @@ class ConsumerWatch:
         self.reported: set[Any] = set()
         self.attempted: dict[Any, float] = {}  # when a stalled partition was last sought back
         self.rebalanced_at = time.monotonic()  # the worker starts with a rebalance
-        self.resumed = 0
 
     def _positions(self, consumer: Any, tps: list[Any]) -> dict[Any, int]:
         # the committed offset: what was read but never processed (dropped by the consumer in a
@@ -244,4 +244,3 @@ class ConsumerWatch:
         elif action == "seek":
             log.warning("seeking stalled partition %s[%d] back to %d", tp.topic, tp.partition, offset)
             await consumer.seek(tp, offset)
-        self.resumed += 1

@@ -58,18 +58,16 @@ def committable_run(acked: list[int], committed: int | None) -> tuple[int | None
             start += 1
         if start == len(acked) or acked[start] != committed:
             return None, start
+    if start == len(acked):
+        return None, start
     end = start
     while end + 1 < len(acked) and acked[end + 1] <= acked[end] + 1:
         end += 1
-    if start == len(acked):
-        return None, start
     return acked[end] + 1, end + 1
 
 
 class WorkerConsumer(AIOKafkaConsumer):
     """Faust's aiokafka consumer whose ``getmany`` never drops a fetched record for good."""
-
-    dropped_batches = 0
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
         # Faust's Consumer.getmany (faust-streaming 0.15.3), plus: count what is handed on and seek
@@ -123,7 +121,6 @@ class WorkerConsumer(AIOKafkaConsumer):
         return done
 
     async def _seek_back(self, left: dict[Any, int], reason: str) -> None:
-        self.dropped_batches += 1
         try:
             assigned = self.assignment()
         except Exception:  # noqa: BLE001 - consumer stopping

@@ -261,6 +261,8 @@ class Applier:
         # per batch (see _run_batch): fast path on, its guard cache and pending guard rows
         self._fast = False
         self._written: list[psycopg.Cursor[Any]] = []
+        # fast path: echo reads sent in the pipeline, their rows fetched once the batch is written
+        self._pending_echoes: list[tuple[ApplyCommand, TargetTable, str, psycopg.Cursor[Any], ApplyResult]] = []
         self._batch_guards: dict[tuple[str, str], dict[str, _Guard]] = {}
         self._pending_guards: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         self._keys: dict[int, str] = {}  # id(command) → its guard key, for the batch being applied
@@ -437,6 +439,7 @@ class Applier:
                         for cmd in group:
                             self._apply_one(cmd, result)
                     self._flush_guards()
+                    self._fetch_echoes()
                 else:
                     for group in groups.values():
                         result.merge(self._apply_group(group))
@@ -456,6 +459,7 @@ class Applier:
         finally:
             self._fast = False
             self._written = []
+            self._pending_echoes = []
             self._batch_guards = {}
             self._pending_guards = {}
             self._keys = {}
@@ -712,6 +716,19 @@ class Applier:
             lambda: sql.SQL("SELECT * FROM {} WHERE {}").format(table.ident, self._where(table, match)),
         )
         cur = self.conn.execute(query, list(self._where_params(match)))
+        if self._fast:  # no round trip per echo: the rows are fetched with the batch's last reads
+            self._pending_echoes.append((cmd, table, op, cur, out))
+            return
+        self._read_echo(cmd, table, op, cur, out)
+
+    def _fetch_echoes(self) -> None:
+        """The rows of the batch's echo reads, in the order of the commands."""
+        pending, self._pending_echoes = self._pending_echoes, []
+        for cmd, table, op, cur, out in pending:
+            self._read_echo(cmd, table, op, cur, out)
+
+    @staticmethod
+    def _read_echo(cmd: ApplyCommand, table: TargetTable, op: str, cur: psycopg.Cursor[Any], out: ApplyResult) -> None:
         found = cur.fetchall()  # first: in pipeline mode the description comes with the results
         names = [d.name for d in cur.description or ()]
         for values in found:

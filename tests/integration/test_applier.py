@@ -861,3 +861,37 @@ def test_echo_commands_read_back_the_written_row(
     assert (replay.applied, replay.skipped_replay, replay.isolated) == (0, 1, False)
     [again] = echo_changes(replay, "archive", applier.origin)
     assert again.op == "r" and again.after == change.after and again.commit_lsn > change.commit_lsn
+
+
+def test_echoes_of_a_batch_come_in_command_order_with_the_row_as_each_command_left_it(
+    make_applier: Callable[..., Applier], cmds: Commands, items: str
+) -> None:
+    """The fast path sends the echo reads in the pipeline and fetches them at the end of the batch:
+    each echo still shows the row as its own command left it, in the order of the commands, and
+    the group-by-group path (a failing command in the batch) echoes the same way."""
+    from connectors.applier import echo_changes
+
+    applier = make_applier()
+    first = item_cmd(cmds, items, 1, lsn=1, status={"$init": "RECEIVED"})
+    second = item_cmd(cmds, items, 2, lsn=1, status={"$init": "RECEIVED"})
+    retitled = item_cmd(cmds, items, 1, lsn=2, title="renamed")
+    for cmd in (first, second, retitled):
+        cmd.echo = True
+    second.source_order, retitled.source_order = 1, 2
+    result = applier.apply_batch([first, second, retitled])
+    assert (result.applied, result.failed, result.isolated) == (3, [], False)
+    echoes = echo_changes(result, "archive", applier.origin)
+    assert [(e.op, e.after["source_ref"], e.after["title"]) for e in echoes if e.after] == [
+        ("c", f"{items}-1", "form 1"),
+        ("c", f"{items}-2", "form 2"),
+        ("u", f"{items}-1", "renamed"),
+    ]
+    assert [e.event_id for e in echoes] == [f"archive:echo:{result.echo_lsn}:{i}" for i in range(3)]
+    # with a command that fails, the batch is applied group by group: the others still echo
+    third = item_cmd(cmds, items, 3, lsn=3, status={"$init": "RECEIVED"})
+    broken = item_cmd(cmds, items, 4, lsn=4, fiscal_year="not a year")
+    third.echo = broken.echo = True
+    isolated = applier.apply_batch([third, broken])
+    assert isolated.isolated and [c for c, _ in isolated.failed] == [broken]
+    [echo] = echo_changes(isolated, "archive", applier.origin)
+    assert echo.op == "c" and echo.after is not None and echo.after["source_ref"] == f"{items}-3"

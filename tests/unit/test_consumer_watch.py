@@ -68,3 +68,17 @@ def test_remedy_seeks_back_only_what_vanished() -> None:
     assert remedy({**vanished, "kafka_position": 27}, 0) == ("none", 0)  # not fetched: nothing to redo
     assert remedy(vanished, 29) == ("retention", 29)  # 27, 28 deleted before they were read
     assert remedy({"position": None}, None) == ("none", 0)
+
+
+def test_held_records_of_a_partition_come_before_its_new_ones() -> None:
+    from processors.worker_consumer import merge_held
+
+    class R:
+        def __init__(self, offset: int) -> None:
+            self.offset = offset
+
+    held = {"a": [R(5), R(6)], "b": [R(1)]}
+    records = {"a": [R(7)], "c": [R(3), R(4)]}
+    merged = merge_held(held, records)
+    assert {tp: [r.offset for r in batch] for tp, batch in merged.items()} == {"a": [5, 6, 7], "b": [1], "c": [3, 4]}
+    assert [r.offset for r in held["a"]] == [5, 6]  # the held lists are not changed

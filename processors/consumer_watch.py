@@ -96,11 +96,11 @@ def task_stacks(depth: int = 12) -> str:
 
 def remedy(state: Mapping[str, Any], earliest: int | None) -> tuple[str, int]:
     """What to do for a stalled partition, from its consumer state: ``("seek", committed)`` when
-    aiokafka's position is past the committed offset and no record of it is queued or in
-    processing (records vanished on their way to the agents); ``("retention", earliest)`` when the
+    aiokafka's position is past the committed offset and no record of it is queued, held by the
+    consumer or in processing (records vanished on their way to the agents); ``("retention", earliest)`` when the
     partition now starts after the committed offset; ``("none", 0)`` otherwise."""
     position = state.get("position")
-    if position is None or state.get("unacked") or state.get("queued"):
+    if position is None or state.get("unacked") or state.get("queued") or state.get("held"):
         return "none", 0
     if earliest is not None and earliest > position:
         return "retention", earliest
@@ -202,6 +202,7 @@ class ConsumerWatch:
             "flow_control_active": self.app.flow_control.is_active(),
             "unacked": sum(1 for m in consumer._unacked_messages if m.tp == tp),
             "queued": self._queued(tp),
+            "held": len(getattr(consumer, "_held", {}).get(tp, ())),  # fetched, waiting for room
         }
         try:
             kafka = consumer._thread._consumer

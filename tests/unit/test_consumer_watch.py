@@ -65,6 +65,7 @@ def test_remedy_seeks_back_only_what_vanished() -> None:
     assert remedy(vanished, 0) == ("seek", 27)
     assert remedy({**vanished, "unacked": 2}, 0) == ("none", 0)  # in processing: wait
     assert remedy({**vanished, "queued": 1}, 0) == ("none", 0)
+    assert remedy({**vanished, "held": 3}, 0) == ("none", 0)  # fetched, waiting for its stream's room
     assert remedy({**vanished, "kafka_position": 27}, 0) == ("none", 0)  # not fetched: nothing to redo
     assert remedy(vanished, 29) == ("retention", 29)  # 27, 28 deleted before they were read
     assert remedy({"position": None}, None) == ("none", 0)

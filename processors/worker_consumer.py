@@ -89,13 +89,19 @@ def merge_held(held: Mapping[Any, list[Any]], records: Mapping[Any, list[Any]]) 
     return merged
 
 
-# How long the broker may hold a fetch request that finds no new records. Faust's aiokafka consumer
-# hard-codes 1,500 ms, and aiokafka keeps one fetch request in flight per broker, for the partitions
-# that had no fetched records waiting when it was sent: records of the others arriving meanwhile
-# waited for that request to time out. Measured (pipeline benchmark, 280 OA row changes/s, audit in
-# the worker): records reached the transform agent 1.3–2.1 s after they were produced, its input
-# buffer empty; with 100 ms, 0.04–0.25 s, and the OA → archive latency went from p50 3.7 s to 0.26 s.
+# How long the broker may hold a fetch request that finds no new records, while the worker keeps up.
+# Faust's aiokafka consumer hard-codes 1,500 ms, and aiokafka keeps one fetch request in flight per
+# broker, for the partitions that had no fetched records waiting when it was sent: records of the
+# others arriving meanwhile waited for that request to time out. Measured (pipeline benchmark, 280
+# OA row changes/s, audit in the worker): records reached the transform agent 1.3–2.1 s after they
+# were produced, its input buffer empty; with 100 ms, 0.04–0.25 s, and the OA → archive latency went
+# from p50 3.7 s to 0.26 s. With a backlog the long wait is better: it makes the fetches of the busy
+# partitions few and large (a burst of 3,000 forms drained at 396 row changes/s with 100 ms, 476
+# with 1,500 ms, in turns) — so the worker switches to FETCH_MAX_WAIT_BUSY_MS while behind.
 FETCH_MAX_WAIT_MS = int(os.environ.get("ARCHSYNC_FETCH_MAX_WAIT_MS", "100"))
+FETCH_MAX_WAIT_BUSY_MS = int(os.environ.get("ARCHSYNC_FETCH_MAX_WAIT_BUSY_MS", "1500"))
+# behind: records held by the consumer, or a stream's buffer at least this full
+BUSY_FILL = 0.5
 
 
 class WorkerConsumerThread(AIOKafkaConsumerThread):
@@ -105,6 +111,12 @@ class WorkerConsumerThread(AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts its fetcher
         return consumer
+
+    def set_fetch_wait(self, ms: int) -> None:
+        """The fetch wait of the next fetch requests (aiokafka reads it for each request)."""
+        fetcher = getattr(getattr(self, "_consumer", None), "_fetcher", None)
+        if fetcher is not None and fetcher._fetch_max_wait_ms != ms:
+            fetcher._fetch_max_wait_ms = ms
 
 
 class WorkerConsumer(AIOKafkaConsumer):
@@ -131,6 +143,22 @@ class WorkerConsumer(AIOKafkaConsumer):
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return WorkerConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def _busy(self) -> bool:
+        """Behind: records held, or a stream's buffer at least half full."""
+        if self._held:
+            return True
+        index = getattr(self.app.topics, "_tp_index", {})
+        seen: set[int] = set()
+        for channels in list(index.values()):
+            for channel in channels:
+                if id(channel) in seen:
+                    continue
+                seen.add(id(channel))
+                queue = channel.queue
+                if queue.maxsize and queue.qsize() >= BUSY_FILL * queue.maxsize:
+                    return True
+        return False
 
     def _stream_fill(self, tp: TP) -> float:
         """How full the fullest buffer of the streams reading ``tp`` is (0 to 1)."""
@@ -165,6 +193,9 @@ class WorkerConsumer(AIOKafkaConsumer):
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
         # Faust's Consumer.getmany (faust-streaming 0.15.3), plus: hold the records of a stream
         # whose buffer is full, count what is handed on, seek back to what is neither
+        thread = getattr(self, "_thread", None)
+        if isinstance(thread, WorkerConsumerThread):
+            thread.set_fetch_wait(FETCH_MAX_WAIT_BUSY_MS if self._busy() else FETCH_MAX_WAIT_MS)
         generation_id = self.app.consumer_generation_id
         if self._held and (self._held_generation != generation_id or not self.flow_active):
             # a rebalance: Faust seeks every partition it keeps to its committed offset after it

@@ -70,3 +70,17 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         topic_prefix=source.get(ENV_TOPIC_PREFIX, "archsync"),
         metrics_port=int(port_text),
     )
+
+
+def env_int(name: str, default: int, *, minimum: int = 0, env: dict[str, str] | None = None) -> int:
+    """An integer tuning setting from the environment (``default`` when unset), checked."""
+    raw = (env if env is not None else os.environ).get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"not an integer: {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(name, f"must be at least {minimum}, got {value}")
+    return value

@@ -37,7 +37,7 @@ from aiokafka.partitioner import murmur2
 
 from archsync import metrics
 from archsync.observability import observe_flow_latency
-from archsync.settings import Settings
+from archsync.settings import Settings, env_int
 from connectors.kafka_admin import TopicSpec, ensure_topics
 from processors.apply_process import ApplyRunner
 from processors.audit_agent import audit_topic_specs, hooks_for, register_audit
@@ -46,6 +46,7 @@ from processors.model import ApplyCommand, Change, Conflict, kept
 from processors.normalise import normalise
 from processors.record_producer import OutputTopic, WorkerApp
 from processors.sync_modes import operations_topics
+from processors.worker_consumer import fetch_waits
 from schemas.codec import ChangeEventCodec
 from topology.flows import aggregate_message_key
 from topology.model import Topology
@@ -157,7 +158,7 @@ def _new_app(app_id: str, topology: Topology, settings: Settings) -> WorkerApp:
         # 1 MiB per partition (faust's default) 400 MiB peak; 512 KiB 388 MiB at the same rate;
         # 128 KiB 291 MiB but about half the rate. ARCHSYNC_WORKER_FETCH_BYTES trades one for the other.
         stream_buffer_maxsize=1024,
-        consumer_max_fetch_size=int(os.environ.get("ARCHSYNC_WORKER_FETCH_BYTES", str(512 * 1024))),
+        consumer_max_fetch_size=env_int("ARCHSYNC_WORKER_FETCH_BYTES", 512 * 1024, minimum=1024),
     )
     app.sensors.add(ReadySensor())
     watch = ConsumerWatch(app)
@@ -407,6 +408,7 @@ def run_worker(topology: Topology, settings: Settings, loglevel: str = "warn", r
     ``pipeline`` (all but the audit agent) or ``audit`` (the audit agent alone)."""
     if role not in WORKER_ROLES:
         raise ValueError(f"unknown worker role {role!r} (expected one of {', '.join(WORKER_ROLES)})")
+    fetch_waits()  # tuning settings checked before the worker starts (a clear error, not a crash)
     ensure_pipeline_topics(topology, settings)
     if role == "audit":
         app = create_audit_app(topology, settings)

@@ -36,7 +36,6 @@ dedupe, position guards, deterministic audit ids).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -44,6 +43,8 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from faust.types import TP, Message
+
+from archsync.settings import env_int
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,19 @@ def merge_held(held: Mapping[Any, list[Any]], records: Mapping[Any, list[Any]]) 
 # from p50 3.7 s to 0.26 s. With a backlog the long wait is better: it makes the fetches of the busy
 # partitions few and large (a burst of 3,000 forms drained at 396 row changes/s with 100 ms, 476
 # with 1,500 ms, in turns) — so the worker switches to FETCH_MAX_WAIT_BUSY_MS while behind.
-FETCH_MAX_WAIT_MS = int(os.environ.get("ARCHSYNC_FETCH_MAX_WAIT_MS", "100"))
-FETCH_MAX_WAIT_BUSY_MS = int(os.environ.get("ARCHSYNC_FETCH_MAX_WAIT_BUSY_MS", "1500"))
+FETCH_MAX_WAIT_MS = 100
+FETCH_MAX_WAIT_BUSY_MS = 1500
 # behind: records held by the consumer, or a stream's buffer at least this full
 BUSY_FILL = 0.5
+
+
+def fetch_waits() -> tuple[int, int]:
+    """(fetch wait while keeping up, while behind) in ms: ``ARCHSYNC_FETCH_MAX_WAIT_MS`` and
+    ``ARCHSYNC_FETCH_MAX_WAIT_BUSY_MS`` or the defaults above."""
+    return (
+        env_int("ARCHSYNC_FETCH_MAX_WAIT_MS", FETCH_MAX_WAIT_MS, minimum=1),
+        env_int("ARCHSYNC_FETCH_MAX_WAIT_BUSY_MS", FETCH_MAX_WAIT_BUSY_MS, minimum=1),
+    )
 
 
 class WorkerConsumerThread(AIOKafkaConsumerThread):
@@ -109,7 +119,7 @@ class WorkerConsumerThread(AIOKafkaConsumerThread):
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts its fetcher
+        consumer._fetch_max_wait_ms = fetch_waits()[0]  # read when the consumer starts its fetcher
         return consumer
 
     def set_fetch_wait(self, ms: int) -> None:
@@ -140,6 +150,7 @@ class WorkerConsumer(AIOKafkaConsumer):
         # every partition it keeps to its committed offset
         self._held: dict[TP, list[Any]] = {}
         self._held_generation: int | None = None
+        self._fetch_wait, self._fetch_wait_busy = fetch_waits()
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return WorkerConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -195,7 +206,7 @@ class WorkerConsumer(AIOKafkaConsumer):
         # whose buffer is full, count what is handed on, seek back to what is neither
         thread = getattr(self, "_thread", None)
         if isinstance(thread, WorkerConsumerThread):
-            thread.set_fetch_wait(FETCH_MAX_WAIT_BUSY_MS if self._busy() else FETCH_MAX_WAIT_MS)
+            thread.set_fetch_wait(self._fetch_wait_busy if self._busy() else self._fetch_wait)
         generation_id = self.app.consumer_generation_id
         if self._held and (self._held_generation != generation_id or not self.flow_active):
             # a rebalance: Faust seeks every partition it keeps to its committed offset after it

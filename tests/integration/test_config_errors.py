@@ -58,3 +58,8 @@ def test_port_taken(env_with: dict[str, str], repo: Path, tmp_path: Path) -> Non
     assert result.returncode != 0
     assert f"port {port}" in result.stderr and "taken" in result.stderr
     assert "ARCHSYNC_KAFKA" in result.stderr
+
+
+def test_malformed_worker_tuning(env_with: dict[str, str], repo: Path) -> None:
+    env = {**env_with, "ARCHSYNC_FETCH_MAX_WAIT_MS": "fast"}
+    assert_one_line_error(run_archsync(["worker"], env, repo), "ARCHSYNC_FETCH_MAX_WAIT_MS")

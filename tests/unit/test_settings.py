@@ -32,3 +32,17 @@ def test_bad_settings_name_the_setting(env: dict[str, str], setting: str) -> Non
 def test_unknown_system() -> None:
     with pytest.raises(ConfigError, match="unknown source system"):
         load_settings({}).dsn_for("erp")
+
+
+def test_env_int_reads_checks_and_defaults() -> None:
+    import pytest
+
+    from archsync.errors import ConfigError
+    from archsync.settings import env_int
+
+    assert env_int("ARCHSYNC_X", 100, env={}) == 100
+    assert env_int("ARCHSYNC_X", 100, env={"ARCHSYNC_X": " 250 "}) == 250
+    with pytest.raises(ConfigError, match="ARCHSYNC_X: not an integer: 'fast'"):
+        env_int("ARCHSYNC_X", 100, env={"ARCHSYNC_X": "fast"})
+    with pytest.raises(ConfigError, match="must be at least 1, got 0"):
+        env_int("ARCHSYNC_X", 100, minimum=1, env={"ARCHSYNC_X": "0"})

@@ -51,6 +51,10 @@ PARTITION_STALLED = Gauge(
     "1 while an assigned partition has records waiting and the worker has read none for a while",
     ["topic", "partition"],
 )
+WORKER_REBALANCING = Gauge(
+    "archsync_worker_rebalancing",
+    "1 from the start of a rebalance until the worker's partitions are assigned and its tables recovered",
+)
 HEARTBEATS = Counter("archsync_heartbeats_total", "Heartbeats that went around the source", ["source"])
 
 

@@ -123,9 +123,15 @@ READY_LINE = "archsync worker ready: partitions assigned, state recovered"
 
 
 class ReadySensor(faust.Sensor):
-    """Says on stderr when a rebalance ended (partitions assigned, tables recovered)."""
+    """Says on stderr when a rebalance ended (partitions assigned, tables recovered), and keeps
+    ``archsync_worker_rebalancing`` (a rebalance or table recovery that never ends is alerted on)."""
+
+    def on_rebalance_start(self, app: faust.App) -> dict[str, Any]:  # type: ignore[override]
+        metrics.WORKER_REBALANCING.set(1)
+        return super().on_rebalance_start(app)
 
     def on_rebalance_end(self, app: faust.App, state: dict[str, Any]) -> None:  # type: ignore[override]
+        metrics.WORKER_REBALANCING.set(0)
         print(READY_LINE, file=sys.stderr, flush=True)
 
 

@@ -144,7 +144,7 @@ def test_alert_rules_and_configs_load_and_pass_their_unit_tests() -> None:
         assert run.returncode == 0, run.stdout + run.stderr
         return run.stdout + run.stderr
 
-    assert "SUCCESS: 16 rules found" in promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS: 17 rules found" in promtool("check", "rules", "alerts.yml")
     promtool("check", "config", "prometheus.yml")  # the docker-compose one
     local = STATE_DIR / "prometheus" / "prometheus.yml"  # the one scripts/services.sh writes
     assert local.exists(), "run `make services` (scripts/services.sh up) to write the local Prometheus config"
@@ -223,6 +223,7 @@ def test_metrics_endpoints_serve_and_move_with_work(observed: Observed) -> None:
     )
     w = scrape(observed.worker_port)
     assert total(w, "archsync_last_progress_timestamp_seconds", role="worker") > time.time() - 10
+    assert series(w, "archsync_worker_rebalancing") and total(w, "archsync_worker_rebalancing") == 0  # ready
     print(f"moved with work: {moved()}")
 
 

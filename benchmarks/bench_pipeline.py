@@ -125,14 +125,19 @@ def worker_pids(p: Pipeline) -> list[int]:
 
 def steady_phase(p: Pipeline, tag: str, rate: int, seconds: float) -> dict[str, object]:
     """``rate`` row changes/s for ``seconds``: OA approval → archive item latency percentiles."""
-    forms_per_tick = max(1, rate // CHANGES_PER_FORM // 10)
-    progress(f"steady phase: {rate} row changes/s ({forms_per_tick} forms every 100 ms) for {seconds:.0f} s")
+    forms_per_tick = rate / CHANGES_PER_FORM / 10  # a fraction is carried to the next tick
+    progress(f"steady phase: {rate} row changes/s ({forms_per_tick:g} forms every 100 ms) for {seconds:.0f} s")
     written = 0
+    owed = 0.0
     stop_at = time.monotonic() + seconds
     next_tick = time.monotonic()
     while time.monotonic() < stop_at:
-        write_forms(p, tag, written, forms_per_tick)
-        written += forms_per_tick
+        owed += forms_per_tick
+        due = int(owed)
+        if due:
+            write_forms(p, tag, written, due)
+            written += due
+            owed -= due
         next_tick += 0.1
         time.sleep(max(0.0, next_tick - time.monotonic()))
     actual_rate = written * CHANGES_PER_FORM / seconds

@@ -114,12 +114,21 @@ def fetch_waits() -> tuple[int, int]:
     )
 
 
+def _fill(channel: Any) -> float:
+    """How full a stream's input buffer is (0 to 1; 0 when it has none yet or is unbounded)."""
+    queue = getattr(channel, "_queue", None)  # not ``.queue``: that would create one
+    if queue is None or not queue.maxsize:
+        return 0.0
+    return float(queue.qsize() / queue.maxsize)
+
+
 class WorkerConsumerThread(AIOKafkaConsumerThread):
     """Faust's aiokafka consumer thread with a short fetch wait (see :data:`FETCH_MAX_WAIT_MS`)."""
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        consumer._fetch_max_wait_ms = fetch_waits()[0]  # read when the consumer starts its fetcher
+        # read when the consumer starts its fetcher
+        consumer._fetch_max_wait_ms = getattr(self.consumer, "_fetch_wait", FETCH_MAX_WAIT_MS)
         return consumer
 
     def set_fetch_wait(self, ms: int) -> None:
@@ -155,31 +164,16 @@ class WorkerConsumer(AIOKafkaConsumer):
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return WorkerConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
-    def _busy(self) -> bool:
+    def _busy(self, index: Mapping[TP, Any]) -> bool:
         """Behind: records held, or a stream's buffer at least half full."""
-        if self._held:
-            return True
-        index = getattr(self.app.topics, "_tp_index", {})
-        seen: set[int] = set()
-        for channels in list(index.values()):
-            for channel in channels:
-                if id(channel) in seen:
-                    continue
-                seen.add(id(channel))
-                queue = channel.queue
-                if queue.maxsize and queue.qsize() >= BUSY_FILL * queue.maxsize:
-                    return True
-        return False
+        return bool(self._held) or any(
+            _fill(channel) >= BUSY_FILL for channels in list(index.values()) for channel in channels
+        )
 
-    def _stream_fill(self, tp: TP) -> float:
+    @staticmethod
+    def _stream_fill(tp: TP, index: Mapping[TP, Any]) -> float:
         """How full the fullest buffer of the streams reading ``tp`` is (0 to 1)."""
-        channels = getattr(self.app.topics, "_tp_index", {}).get(tp) or ()  # the conductor's routing
-        fill = 0.0
-        for channel in channels:
-            queue = channel.queue
-            if queue.maxsize:
-                fill = max(fill, queue.qsize() / queue.maxsize)
-        return fill
+        return max((_fill(channel) for channel in index.get(tp) or ()), default=0.0)
 
     async def _next_records(self, timeout: float) -> tuple[Any, set[TP] | None]:
         """Faust's ``_wait_next_records``, except that partitions with held records are not
@@ -204,9 +198,10 @@ class WorkerConsumer(AIOKafkaConsumer):
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
         # Faust's Consumer.getmany (faust-streaming 0.15.3), plus: hold the records of a stream
         # whose buffer is full, count what is handed on, seek back to what is neither
+        index = getattr(self.app.topics, "_tp_index", {})  # the conductor's routing: tp → streams
         thread = getattr(self, "_thread", None)
         if isinstance(thread, WorkerConsumerThread):
-            thread.set_fetch_wait(self._fetch_wait_busy if self._busy() else self._fetch_wait)
+            thread.set_fetch_wait(self._fetch_wait_busy if self._busy(index) else self._fetch_wait)
         generation_id = self.app.consumer_generation_id
         if self._held and (self._held_generation != generation_id or not self.flow_active):
             # a rebalance: Faust seeks every partition it keeps to its committed offset after it
@@ -221,7 +216,7 @@ class WorkerConsumer(AIOKafkaConsumer):
         held: dict[Any, list[Any]] = {}
         ready: dict[Any, list[Any]] = {}
         for tp, kept in self._held.items():
-            (ready if self._stream_fill(tp) <= self.HOLD_RESUME else held)[tp] = kept
+            (ready if self._stream_fill(tp, index) <= self.HOLD_RESUME else held)[tp] = kept
         self._held = {}
         batch = merge_held(ready, records) if ready else records
         skipped: set[Any] = set()
@@ -241,7 +236,7 @@ class WorkerConsumer(AIOKafkaConsumer):
                     continue
                 waiting = held.get(tp)
                 if waiting is not None or (
-                    (handed >= self.MAX_HANDED or self._stream_fill(tp) >= 1.0) and not self._is_changelog_tp(tp)
+                    (handed >= self.MAX_HANDED or self._stream_fill(tp, index) >= 1.0) and not self._is_changelog_tp(tp)
                 ):
                     # the stream has no room: this record and the partition's next ones wait
                     if waiting is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from archsync.errors import ConfigError
@@ -84,3 +85,9 @@ def env_int(name: str, default: int, *, minimum: int = 0, env: dict[str, str] | 
     if value < minimum:
         raise ConfigError(name, f"must be at least {minimum}, got {value}")
     return value
+
+
+def state_dir(env: dict[str, str] | None = None) -> Path:
+    """Where archsync keeps local state (``ARCHSYNC_STATE_DIR``; as scripts/services.sh does)."""
+    raw = (env if env is not None else os.environ).get("ARCHSYNC_STATE_DIR", "").strip()
+    return Path(raw) if raw else Path.home() / ".local" / "state" / "archsync"

@@ -37,7 +37,7 @@ from aiokafka.partitioner import murmur2
 
 from archsync import metrics
 from archsync.observability import observe_flow_latency
-from archsync.settings import Settings, env_int
+from archsync.settings import Settings, env_int, state_dir
 from connectors.kafka_admin import TopicSpec, ensure_topics
 from processors.apply_process import ApplyRunner
 from processors.audit_agent import audit_topic_specs, hooks_for, register_audit
@@ -139,10 +139,14 @@ WORKER_ROLES = ("all", "pipeline", "audit")
 
 
 def _new_app(app_id: str, topology: Topology, settings: Settings) -> WorkerApp:
+    faust_dirs = state_dir() / "worker"
+    faust_dirs.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     app = WorkerApp(
         app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
+        # Faust's own directory per app (its default is ``<app id>-data`` in the current directory)
+        datadir=str(faust_dirs / "{conf.name}-data"),
         topic_partitions=topology.topics.partitions,
         topic_replication_factor=topology.topics.replication_factor,
         producer_acks=-1,

@@ -15,9 +15,14 @@ in the aggregate's state, emit commands), ``apply_<system>`` (batches of command
 database) and the audit agent (processors/audit_agent.py). Output records go through
 :class:`processors.record_producer.RecordProducer`, delivered before offsets are committed.
 
-State (changelog-backed Faust tables, rebuilt from Kafka on restart or rebalance):
-  ``dedupe``      event ids seen, in tumbling windows that expire (the bounded horizon)
+State (a changelog-backed Faust table, rebuilt from Kafka on restart or rebalance):
   ``aggregates``  per aggregate: the rows of the aggregate and each row's last source position
+
+Deduplication: a captured event's id is its source position (``<system>:<commit LSN>:<order>``),
+so an event seen again is one whose position is the one its row's state already holds: dropped and
+counted (``archsync_dedupe_hits_total{stage="event_id"}``), like an older one (``stage="position"``).
+The aggregate's state is the horizon: it is kept as long as the aggregate, and costs nothing per
+event (a table of event ids cost one changelog record per row change and ~0.5 KB per id held).
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import os
 import sys
 import time
 from collections.abc import Iterable
-from datetime import timedelta
 from typing import Any
 
 import faust
@@ -52,14 +56,6 @@ from topology.flows import aggregate_message_key
 from topology.model import Topology
 
 log = logging.getLogger(__name__)
-
-# Event ids are remembered in tumbling windows of the records' Kafka timestamps; a lookup checks the
-# current and the previous window, so the horizon is 10 to 20 minutes (a capture re-sending what
-# Kafka had not acknowledged does so within seconds; older replays are dropped by their source
-# position in the aggregate's state). Windows expire once nothing can look them up any more: each
-# remembered id costs ~0.5 KB, and the 2 h expiry of earlier versions held up to 7M ids at capacity.
-DEDUPE_WINDOW = timedelta(minutes=10)
-DEDUPE_EXPIRES = timedelta(minutes=25)
 
 
 def pipeline_topics(topology: Topology) -> dict[str, str]:
@@ -200,6 +196,7 @@ def create_app(
         AggregateState,
         aggregate_key_of,
         apply_change,
+        duplicate_kind,
         is_replay_of_latest,
         new_state,
         replayable,
@@ -229,20 +226,14 @@ def create_app(
     # the audit agent (unless it runs in its own worker); the hooks below record audit facts
     audit = register_audit(app, topology, settings, agent=audit_agent)
 
-    dedupe = (
-        app.Table("dedupe", default=int, partitions=partitions)
-        .tumbling(DEDUPE_WINDOW, expires=DEDUPE_EXPIRES)
-        .relative_to_stream()
-    )
     # values are the state's own orjson bytes (faust's json codec was a large part of the cost)
     aggregates = app.Table("aggregates", default=None, partitions=partitions, key_type=bytes, value_type=bytes)
-    # their changelog records wait until the records derived from the same events are in Kafka
-    app.defer_changelog(dedupe, aggregates)
+    # its changelog records wait until the records derived from the same events are in Kafka
+    app.defer_changelog(aggregates)
     codec = ChangeEventCodec()
 
     async def captured_change(event: faust.EventT) -> Change | None:
-        """Decode and normalise a captured event; None for a bad one (dead-lettered) or a
-        duplicate event id (dropped, counted)."""
+        """Decode and normalise a captured event; None for a bad one (dead-lettered)."""
         message = event.message
         try:
             change = normalise(codec.decode(message.value or b""))
@@ -253,11 +244,6 @@ def create_app(
             await audit.dead_letter("normalise", f"cannot decode: {exc}", origin=f"{message.topic}@{message.offset}")
             return None
         metrics.NORMALISED.labels(change.system, change.table).inc()
-        seen = dedupe[change.event_id]
-        if seen.current() or seen.delta(DEDUPE_WINDOW):
-            metrics.DEDUPE_HITS.labels("event_id").inc()
-            return None
-        dedupe[change.event_id] += 1
         return change
 
     async def transformed(key_bytes: bytes, change: Change) -> None:
@@ -269,7 +255,7 @@ def create_app(
         stored = aggregates.get(key_bytes)
         state = AggregateState.from_json(stored) if stored else new_state()
         if not apply_change(state, change) and not is_replay_of_latest(state, change):
-            metrics.DEDUPE_HITS.labels("position").inc()
+            metrics.DEDUPE_HITS.labels(duplicate_kind(state, change)).inc()  # seen again, or older
             return
         try:
             result = transform(topology, state, change)
@@ -314,8 +300,8 @@ def create_app(
 
     @app.agent(inputs, name="transform")
     async def transform_agent(stream: faust.StreamT) -> None:
-        """Captured events: decode, normalise, drop duplicate event ids; then, like the changes of
-        the changes topic, transform them in their aggregate's state. A captured event that is not
+        """Captured events: decode and normalise; then, like the changes of the changes topic,
+        drop duplicates and transform them in their aggregate's state. A captured event that is not
         in its aggregate's partition (a capture without routing) is re-keyed through the changes
         topic first: an aggregate's state lives in one partition."""
         async for event in stream.events():

@@ -173,6 +173,14 @@ def apply_change(state: AggregateState, change: Change) -> bool:
     return True
 
 
+def duplicate_kind(state: AggregateState, change: Change) -> str:
+    """Why :func:`apply_change` dropped a change: ``"event_id"`` when the row's state holds this
+    very change (an event id is its source position: a capture or producer retry sent it again),
+    ``"position"`` when the row holds a newer one (an older change replayed)."""
+    _, slot = _slot(change)
+    return "event_id" if state.positions.get(slot) == [change.commit_lsn, change.order] else "position"
+
+
 def replayable(change: Change, state: AggregateState) -> Change:
     """The change as its transform dead letter keeps it: with the before image the transform saw
     (the stored row it replaced), so a replay after a fix evaluates ``changed()`` the same way."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 from prometheus_client.parser import text_string_to_metric_families
 
 from archsync.cli import cli
@@ -225,6 +225,56 @@ def test_metrics_endpoints_serve_and_move_with_work(observed: Observed) -> None:
     assert total(w, "archsync_last_progress_timestamp_seconds", role="worker") > time.time() - 10
     assert series(w, "archsync_worker_rebalancing") and total(w, "archsync_worker_rebalancing") == 0  # ready
     print(f"moved with work: {moved()}")
+
+
+def test_a_captured_event_sent_again_is_dropped_and_counted(observed: Observed) -> None:
+    """At-least-once capture re-sends what Kafka had not acknowledged: the worker drops an event it
+    has seen (its id is its source position, held in the aggregate's state) and counts it."""
+    p = observed.pipe
+    group = worker_group_id(p.topology)
+    work_round(observed, "dup")
+    p.wait_for(
+        lambda: total(scrape(observed.worker_port), "archsync_consumer_lag", group=group) == 0, 30, "lag to drain"
+    )
+    topic = p.topology.topics.change_topic("oa", "public", "oa_form")
+    consumer = Consumer(
+        {
+            "bootstrap.servers": p.settings.kafka_bootstrap,
+            "group.id": f"dup-{observed.unique}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([topic])
+    last = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        msg = consumer.poll(1.0)
+        if msg is None and last is not None:
+            break
+        if msg is not None and msg.error() is None:
+            last = msg
+    consumer.close()
+    assert last is not None, f"no captured record on {topic}"
+    before = scrape(observed.worker_port)
+    producer = Producer({"bootstrap.servers": p.settings.kafka_bootstrap})
+    producer.produce(topic, key=last.key(), value=last.value(), partition=last.partition())  # the same event again
+    producer.flush(10)
+
+    def hits(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], stage: str) -> float:
+        return total(samples, "archsync_dedupe_hits_total", stage=stage)
+
+    p.wait_for(
+        lambda: hits(scrape(observed.worker_port), "event_id") == hits(before, "event_id") + 1,
+        30,
+        "the duplicate to be counted",
+    )
+    after = scrape(observed.worker_port)
+    assert hits(after, "position") == hits(before, "position")
+    for outcome in ("applied", "skipped_replay", "skipped_older"):  # nothing was sent to an applier
+        assert total(after, "archsync_applied_commands_total", outcome=outcome) == total(
+            before, "archsync_applied_commands_total", outcome=outcome
+        )
+    assert total(after, "archsync_transform_commands_total") == total(before, "archsync_transform_commands_total")
 
 
 def test_prometheus_scrapes_targets_and_every_dashboard_query_returns_data(observed: Observed) -> None:

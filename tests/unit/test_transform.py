@@ -12,6 +12,7 @@ from processors.transform import (
     TransformResult,
     aggregate_key_of,
     apply_change,
+    duplicate_kind,
     new_state,
     transform,
 )
@@ -444,8 +445,10 @@ def test_duplicates_and_older_changes_are_dropped(topo: Topology) -> None:
     first = change("oa", "public.oa_form", "c", form(status="APPROVED"), lsn=5000)
     assert apply_change(state, first)
     assert not apply_change(state, first)  # the same change again
+    assert duplicate_kind(state, first) == "event_id"  # its event id is its position
     older = change("oa", "public.oa_form", "u", form(status="DRAFT"), form(), lsn=4000)
     assert not apply_change(state, older)
+    assert duplicate_kind(state, older) == "position"
     assert state.root("public.oa_form")["status"] == "APPROVED"
     # transform alone applies (and drops) by itself
     fresh = new_state()

@@ -49,6 +49,7 @@ from processors.consumer_watch import ConsumerWatch
 from processors.model import ApplyCommand, Change, Conflict, kept
 from processors.normalise import normalise
 from processors.record_producer import OutputTopic, WorkerApp
+from processors.recovery_watch import RecoveryWatch, recovery_stall_seconds
 from processors.sync_modes import operations_topics
 from processors.worker_consumer import fetch_waits
 from schemas.codec import ChangeEventCodec
@@ -169,6 +170,7 @@ def _new_app(app_id: str, topology: Topology, settings: Settings) -> WorkerApp:
     app.sensors.add(ReadySensor())
     watch = ConsumerWatch(app)
     app.timer(5.0)(watch.check)  # a partition left unread after a rebalance: reported, fetched again
+    app.every(5.0, RecoveryWatch(app).check)  # a table recovery that stopped receiving: reported, fetched again
     return app
 
 
@@ -405,6 +407,7 @@ def run_worker(topology: Topology, settings: Settings, loglevel: str = "warn", r
     if role not in WORKER_ROLES:
         raise ValueError(f"unknown worker role {role!r} (expected one of {', '.join(WORKER_ROLES)})")
     fetch_waits()  # tuning settings checked before the worker starts (a clear error, not a crash)
+    recovery_stall_seconds()
     ensure_pipeline_topics(topology, settings)
     if role == "audit":
         app = create_audit_app(topology, settings)

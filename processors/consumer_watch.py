@@ -94,6 +94,23 @@ def task_stacks(depth: int = 12) -> str:
     return out.getvalue()
 
 
+def kafka_state(consumer: Any, tp: Any) -> dict[str, Any]:
+    """What aiokafka knows of ``tp`` under Faust's ``consumer``: paused, fetch position, highwater,
+    fetched records buffered (internals of another library: what is there, or why not)."""
+    try:
+        kafka = consumer._thread._consumer
+        tp_state = kafka._subscription.subscription.assignment.state_value(tp)
+        return {
+            "kafka_paused": tp_state.paused,
+            "kafka_has_position": tp_state.has_valid_position,
+            "kafka_position": tp_state.position if tp_state.has_valid_position else None,
+            "kafka_highwater": tp_state.highwater,
+            "kafka_fetched_buffered": tp in kafka._fetcher._records,
+        }
+    except Exception as exc:  # noqa: BLE001 - report what is there
+        return {"kafka_state": f"unavailable: {exc!r}"}
+
+
 def remedy(state: Mapping[str, Any], earliest: int | None) -> tuple[str, int]:
     """What to do for a stalled partition, from its consumer state: ``("seek", committed)`` when
     aiokafka's position is past the committed offset and no record of it is queued, held by the
@@ -204,18 +221,7 @@ class ConsumerWatch:
             "queued": self._queued(tp),
             "held": len(getattr(consumer, "_held", {}).get(tp, ())),  # fetched, waiting for room
         }
-        try:
-            kafka = consumer._thread._consumer
-            tp_state = kafka._subscription.subscription.assignment.state_value(tp)
-            state.update(
-                kafka_paused=tp_state.paused,
-                kafka_has_position=tp_state.has_valid_position,
-                kafka_position=tp_state.position if tp_state.has_valid_position else None,
-                kafka_highwater=tp_state.highwater,
-                kafka_fetched_buffered=tp in kafka._fetcher._records,
-            )
-        except Exception as exc:  # noqa: BLE001 - internals of another library: report what is there
-            state["kafka_state"] = f"unavailable: {exc!r}"
+        state.update(kafka_state(consumer, tp))
         return state
 
     async def _resume(self, tp: Any, state: dict[str, Any]) -> None:

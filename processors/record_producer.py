@@ -270,6 +270,24 @@ class WorkerApp(faust.App):
         for table in tables:
             deferred.attach(table)
 
+    def every(self, interval: float, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` every ``interval`` seconds from the app's start, during table recovery
+        too (Faust's timers start only once the first recovery is complete)."""
+        self.__dict__.setdefault("_every", []).append((interval, callback))
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        for interval, callback in self.__dict__.get("_every", []):
+            self.add_future(self._repeat(interval, callback))
+
+    async def _repeat(self, interval: float, callback: Callable[[], Awaitable[None]]) -> None:
+        while not self.should_stop:
+            await self.sleep(interval)
+            try:
+                await callback()
+            except Exception:  # a watch must not stop the worker
+                log.exception("%s failed", getattr(callback, "__qualname__", callback))
+
     def _new_transport(self) -> Any:
         return WorkerTransport(self.conf.broker_consumer, self)  # its consumer keeps fetched records
 

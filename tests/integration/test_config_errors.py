@@ -63,3 +63,5 @@ def test_port_taken(env_with: dict[str, str], repo: Path, tmp_path: Path) -> Non
 def test_malformed_worker_tuning(env_with: dict[str, str], repo: Path) -> None:
     env = {**env_with, "ARCHSYNC_FETCH_MAX_WAIT_MS": "fast"}
     assert_one_line_error(run_archsync(["worker"], env, repo), "ARCHSYNC_FETCH_MAX_WAIT_MS")
+    env = {**env_with, "ARCHSYNC_RECOVERY_STALL_SECONDS": "0"}
+    assert_one_line_error(run_archsync(["worker"], env, repo), "ARCHSYNC_RECOVERY_STALL_SECONDS")

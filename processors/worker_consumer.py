@@ -79,6 +79,22 @@ def committable_run(acked: list[int], committed: int | None) -> tuple[int | None
     return acked[end] + 1, end + 1
 
 
+# why getmany dropped fetched records: a rebalance stopped the flow or began while it handed them on
+REBALANCE_DROPS = frozenset({"flow stopped", "flow not active", "generation changed"})
+
+
+def seek_back_changelog(reason: str, first_dropped: int, position: int | None) -> bool:
+    """Seek a changelog partition back to the first of its records ``getmany`` dropped?
+
+    Faust seeks the changelog partitions when a table recovery starts, then resumes the flow; a
+    fetch in flight meanwhile comes back with the records the recovery waits for, and getmany drops
+    them while the flow is stopped. Nothing fetches them again: the recovery waited for ever (seen
+    about once in 10 two-worker kill tests; the recovery watch, processors/recovery_watch.py, healed
+    it after 30 s). So: only for records dropped in a rebalance, and only backwards, when the
+    consumer's position is past them (a seek of Faust's made since then stays)."""
+    return reason in REBALANCE_DROPS and position is not None and position > first_dropped
+
+
 def merge_held(held: Mapping[Any, list[Any]], records: Mapping[Any, list[Any]]) -> dict[Any, list[Any]]:
     """A partition's held records (fetched earlier, not handed on yet) come before its new ones."""
     merged = {tp: list(batch) for tp, batch in held.items()}
@@ -287,10 +303,19 @@ class WorkerConsumer(AIOKafkaConsumer):
         except Exception:  # noqa: BLE001 - consumer stopping
             return
         for tp, offset in left.items():
-            if tp not in assigned or self._is_changelog_tp(tp):
-                # revoked: its next owner starts at the committed offset; a changelog partition's
-                # records are dropped on purpose while Faust does not read it (standby, recovered)
-                continue
+            if tp not in assigned:
+                continue  # revoked: its next owner starts at the committed offset
+            if self._is_changelog_tp(tp):
+                # records of a changelog partition Faust does not read (standby, recovered) are
+                # dropped on purpose; dropped in a rebalance, a table recovery may wait for them
+                if reason not in REBALANCE_DROPS:
+                    continue
+                try:
+                    position = await self.position(tp)
+                except Exception:  # noqa: BLE001 - revoked meanwhile: the rebalance seeks it
+                    continue
+                if not seek_back_changelog(reason, offset, position):
+                    continue
             log.info(
                 "records fetched but not handed on (%s): %s[%d] from %d read again",
                 reason,

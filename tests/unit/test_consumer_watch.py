@@ -83,3 +83,17 @@ def test_held_records_of_a_partition_come_before_its_new_ones() -> None:
     merged = merge_held(held, records)
     assert {tp: [r.offset for r in batch] for tp, batch in merged.items()} == {"a": [5, 6, 7], "b": [1], "c": [3, 4]}
     assert [r.offset for r in held["a"]] == [5, 6]  # the held lists are not changed
+
+
+def test_changelog_records_dropped_in_a_rebalance_are_sought_back_only_backwards() -> None:
+    from processors.worker_consumer import seek_back_changelog
+
+    # a fetch that came back after a recovery's seek, dropped while the flow was stopped: read again
+    for reason in ("flow not active", "flow stopped", "generation changed"):
+        assert seek_back_changelog(reason, first_dropped=0, position=26)
+    # Faust sought the partition since (its position is not past the dropped records): it stays
+    assert not seek_back_changelog("flow not active", first_dropped=10, position=10)
+    assert not seek_back_changelog("flow not active", first_dropped=10, position=3)
+    assert not seek_back_changelog("flow not active", first_dropped=10, position=None)
+    # a partition Faust does not read (standby, recovered): its records are dropped on purpose
+    assert not seek_back_changelog("partition not active", first_dropped=0, position=26)

@@ -47,11 +47,11 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
         "acks": "all",
         "max.in.flight.requests.per.connection": 5,  # ordering kept by idempotence
         "message.timeout.ms": 0,  # a lost broker makes us wait, never drop
-        # a batch waits at most this long for more records. 50 ms cost ~20 ms of OA → archive latency
-        # at light load (p50 of commit → transform 42 → 21–26 ms with 5 ms); the capture's rate did
-        # not move measurably with it (300k rows: 19.0k rows/s at 50 ms, 16.6k at 5, 22.3k at 10 —
-        # the VM's noise): a backlog fills batches without waiting
-        "linger.ms": 10,
+        # a batch waits at most this long for more records. 10 ms would cut ~20 ms of OA → archive
+        # latency at light load (p50 commit → transform 42 → 21–26 ms with 5 ms), but costs the
+        # capture's rate (300k rows, in turns: 20.3k / 18.7k rows/s at 50 ms, 16.9k / 17.8k at 10 —
+        # 26–27% of pg_recvlogical against a 30% target). ARCHSYNC_PRODUCER_CONFIG overrides it.
+        "linger.ms": 50,
         "batch.size": 1_000_000,
         "compression.type": "lz4",
         "queue.buffering.max.messages": 200_000,

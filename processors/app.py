@@ -165,9 +165,9 @@ def _new_app(app_id: str, topology: Topology, settings: Settings) -> WorkerApp:
         # 1 MiB per partition (faust's default) 400 MiB peak; 512 KiB 388 MiB at the same rate;
         # 128 KiB 291 MiB but about half the rate (all before the consumer held records itself).
         # 2026-11-28, make bench defaults (30 s at 1,000/s, then 5,000 forms): 512 KiB 207 / 208 MiB,
-        # 256 KiB 174 / 197 MiB (bursts of 3,000 forms: 134–145 vs 122–126 MiB); capacity in turns (3,000 forms, 5 pairs, 512 vs 256): 354/235, 225/237, 358/306,
-        # 358/405, 375/450 — no cost beyond the VM's noise. ARCHSYNC_WORKER_FETCH_BYTES trades one
-        # for the other.
+        # 256 KiB 174 / 197 MiB (bursts of 3,000 forms: 134–145 vs 122–126 MiB); capacity in turns
+        # (3,000 forms, 5 pairs, 512 vs 256 KiB): 354/235, 225/237, 358/306, 358/405, 375/450 — no
+        # cost beyond the VM's noise. ARCHSYNC_WORKER_FETCH_BYTES trades one for the other.
         stream_buffer_maxsize=1024,
         consumer_max_fetch_size=env_int("ARCHSYNC_WORKER_FETCH_BYTES", 256 * 1024, minimum=1024),
     )

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from archsync.settings import Settings
 from connectors.kafka_admin import check_broker
 from connectors.migrations import apply_migrations
 from connectors.postgres import connect
+
+from .pipeline_kit import Pipeline
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -23,3 +28,13 @@ def services_up(settings: Settings) -> None:
     for system in ("oa", "archive"):
         with connect(settings.dsn_for(system), settings.dsn_setting(system), autocommit=True) as conn:
             apply_migrations(conn, system)
+
+
+@pytest.fixture
+def pipeline(settings: Settings, unique: str, tmp_path: Path) -> Iterator[Pipeline]:
+    """Both captures and a worker on the test's own topics, slots and publications; cleaned up."""
+    p = Pipeline(settings, unique, tmp_path)
+    try:
+        yield p.start()
+    finally:
+        p.cleanup()

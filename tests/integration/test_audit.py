@@ -8,13 +8,11 @@ import hashlib
 import io
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 from click.testing import CliRunner
 from confluent_kafka import Producer
 
@@ -27,15 +25,6 @@ from processors.audit_agent import AUDIT_TOPIC_CONFIG, audit_topics
 
 from .pipeline_kit import Pipeline
 from .test_pipeline import approve, item_of, new_form
-
-
-@pytest.fixture
-def pipeline(settings: Settings, unique: str, tmp_path: Path) -> Iterator[Pipeline]:
-    p = Pipeline(settings, unique, tmp_path)
-    try:
-        yield p.start()
-    finally:
-        p.cleanup()
 
 
 def run(p: Pipeline, *args: str) -> Any:

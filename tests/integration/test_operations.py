@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
@@ -27,15 +25,6 @@ def run(p: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CLI, "--topology", str(p.file), *args], capture_output=True, text=True, env=p.env, timeout=180
     )
-
-
-@pytest.fixture
-def pipeline(settings: Settings, unique: str, tmp_path: Path) -> Iterator[Pipeline]:
-    p = Pipeline(settings, unique, tmp_path)
-    try:
-        yield p.start()
-    finally:
-        p.cleanup()
 
 
 def test_drift_behind_archsyncs_back_is_found_and_repaired(pipeline: Pipeline, unique: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,15 +10,6 @@ import pytest
 from archsync.settings import Settings
 
 from .pipeline_kit import Pipeline
-
-
-@pytest.fixture
-def pipeline(settings: Settings, unique: str, tmp_path: Path) -> Iterator[Pipeline]:
-    p = Pipeline(settings, unique, tmp_path)
-    try:
-        yield p.start()
-    finally:
-        p.cleanup()
 
 
 def new_form(

@@ -7,12 +7,7 @@ state it recovered carries the next change of an aggregate from before the resta
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
-from archsync.settings import Settings
 from processors.app import READY_LINE
 
 from .pipeline_kit import REPO, Pipeline
@@ -40,15 +35,6 @@ WorkerConsumer.getmany = getmany
 from archsync.cli import main
 main()
 """
-
-
-@pytest.fixture
-def pipeline(settings: Settings, unique: str, tmp_path: Path) -> Iterator[Pipeline]:
-    p = Pipeline(settings, unique, tmp_path)
-    try:
-        yield p.start()
-    finally:
-        p.cleanup()
 
 
 def test_stalled_table_recovery_is_sought_back_and_the_state_restored(pipeline: Pipeline, unique: str) -> None:

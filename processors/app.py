@@ -50,6 +50,7 @@ from processors.model import ApplyCommand, Change, Conflict, kept
 from processors.normalise import normalise
 from processors.record_producer import OutputTopic, WorkerApp
 from processors.recovery_watch import RecoveryWatch, recovery_stall_seconds
+from processors.state_store import memory_budget, store_url
 from processors.sync_modes import operations_topics
 from processors.worker_consumer import fetch_waits
 from schemas.codec import ChangeEventCodec
@@ -141,7 +142,8 @@ def _new_app(app_id: str, topology: Topology, settings: Settings) -> WorkerApp:
     app = WorkerApp(
         app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
-        store="memory://",
+        # table state: recent keys in memory, the rest on local disk (processors/state_store.py)
+        store=store_url(),
         # Faust's own directory per app (its default is ``<app id>-data`` in the current directory)
         datadir=str(faust_dirs / "{conf.name}-data"),
         topic_partitions=topology.topics.partitions,
@@ -412,6 +414,8 @@ def run_worker(topology: Topology, settings: Settings, loglevel: str = "warn", r
         raise ValueError(f"unknown worker role {role!r} (expected one of {', '.join(WORKER_ROLES)})")
     fetch_waits()  # tuning settings checked before the worker starts (a clear error, not a crash)
     recovery_stall_seconds()
+    store_url()
+    memory_budget()
     ensure_pipeline_topics(topology, settings)
     if role == "audit":
         app = create_audit_app(topology, settings)

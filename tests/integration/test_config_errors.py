@@ -65,3 +65,7 @@ def test_malformed_worker_tuning(env_with: dict[str, str], repo: Path) -> None:
     assert_one_line_error(run_archsync(["worker"], env, repo), "ARCHSYNC_FETCH_MAX_WAIT_MS")
     env = {**env_with, "ARCHSYNC_RECOVERY_STALL_SECONDS": "0"}
     assert_one_line_error(run_archsync(["worker"], env, repo), "ARCHSYNC_RECOVERY_STALL_SECONDS")
+    env = {**env_with, "ARCHSYNC_STATE_STORE": "redis"}
+    assert_one_line_error(run_archsync(["worker"], env, repo), "ARCHSYNC_STATE_STORE")
+    env = {**env_with, "ARCHSYNC_STATE_MEMORY_MB": "0"}
+    assert_one_line_error(run_archsync(["worker"], env, repo), "ARCHSYNC_STATE_MEMORY_MB")

@@ -13,6 +13,10 @@ from archsync.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The `archsync` processes the tests start run this tree's code, also from a git worktree that shares
+# another tree's virtualenv (whose editable install points at that other tree).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:

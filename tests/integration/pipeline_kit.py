@@ -69,7 +69,12 @@ class Pipeline:
         self.worker_role = "all"  # "pipeline" with a separate audit worker (start_audit_worker)
         self.audit_worker: subprocess.Popen[bytes] | None = None
         self.extra_workers: list[subprocess.Popen[bytes]] = []
-        self.env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"}
+        self.env = {
+            **os.environ,
+            "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ.get('PATH', '')}",
+            # this tree's code, also in a git worktree sharing another tree's virtualenv (benchmarks A/B)
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> Pipeline:

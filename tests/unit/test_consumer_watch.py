@@ -1,5 +1,7 @@
 """The stall decision of the consumer watch (pure: positions and end offsets over time)."""
 
+import contextlib
+
 from processors.consumer_watch import Progress, watch_step
 
 
@@ -97,3 +99,70 @@ def test_changelog_records_dropped_in_a_rebalance_are_sought_back_only_backwards
     assert not seek_back_changelog("flow not active", first_dropped=10, position=None)
     # a partition Faust does not read (standby, recovered): its records are dropped on purpose
     assert not seek_back_changelog("partition not active", first_dropped=0, position=26)
+
+
+def test_a_hand_over_without_a_wait_runs_inline() -> None:
+
+    from processors.worker_consumer import run_until_suspended
+
+    done: list[int] = []
+
+    async def hand_over(n: int) -> None:
+        done.append(n)
+
+    assert run_until_suspended(hand_over(1)) is None and done == [1]
+
+    async def fails() -> None:
+        raise ValueError("bad record")
+
+    try:
+        run_until_suspended(fails())
+    except ValueError as exc:
+        assert str(exc) == "bad record"
+    else:
+        raise AssertionError("the exception was not raised")
+
+
+def test_a_hand_over_that_waits_finishes_in_a_task_or_is_cancelled() -> None:
+    import asyncio
+
+    from processors.worker_consumer import run_until_suspended
+
+    async def main() -> None:
+        room = asyncio.Event()
+        steps: list[str] = []
+
+        async def hand_over() -> str:
+            steps.append("start")
+            await room.wait()  # a full buffer
+            await asyncio.sleep(0)
+            steps.append("end")
+            return "handed"
+
+        rest = run_until_suspended(hand_over())
+        assert rest is not None and steps == ["start"]
+        task = asyncio.ensure_future(rest)
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        room.set()
+        assert await task == "handed" and steps == ["start", "end"]
+
+        cancelled: list[bool] = []
+
+        async def never() -> None:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+
+        rest = run_until_suspended(never())
+        assert rest is not None
+        task = asyncio.ensure_future(rest)
+        await asyncio.sleep(0.01)
+        task.cancel()  # the flow stopped for a rebalance: wait_first cancels the hand-over
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert cancelled == [True] and task.cancelled()
+
+    asyncio.run(main())

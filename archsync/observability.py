@@ -264,4 +264,6 @@ def observe_flow_latency(target: str, commands: Iterable[Any]) -> None:
     now_ms = time.time() * 1000
     for cmd in commands:
         if cmd.source_commit_ts_ms:
-            metrics.FLOW_LATENCY.labels(cmd.flow, target).observe(max(0.0, (now_ms - cmd.source_commit_ts_ms) / 1000))
+            metrics.child(metrics.FLOW_LATENCY, cmd.flow, target).observe(
+                max(0.0, (now_ms - cmd.source_commit_ts_ms) / 1000)
+            )

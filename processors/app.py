@@ -37,7 +37,6 @@ from typing import Any
 
 import faust
 import orjson
-from aiokafka.partitioner import murmur2
 
 from archsync import metrics
 from archsync.observability import observe_flow_latency
@@ -54,7 +53,7 @@ from processors.state_store import memory_budget, store_url
 from processors.sync_modes import operations_topics
 from processors.worker_consumer import fetch_waits
 from schemas.codec import ChangeEventCodec
-from topology.flows import aggregate_message_key
+from topology.flows import aggregate_message_key, aggregate_partition
 from topology.model import Topology
 
 log = logging.getLogger(__name__)
@@ -251,7 +250,7 @@ def create_app(
             await dlq_normalise.send(value=dead_letter("normalise", f"cannot decode: {exc}", None, **where))
             await audit.dead_letter("normalise", f"cannot decode: {exc}", origin=f"{message.topic}@{message.offset}")
             return None
-        metrics.NORMALISED.labels(change.system, change.table).inc()
+        metrics.child(metrics.NORMALISED, change.system, change.table).inc()
         return change
 
     async def transformed(key_bytes: bytes, change: Change) -> None:
@@ -263,7 +262,7 @@ def create_app(
         stored = aggregates.get(key_bytes)
         state = AggregateState.from_json(stored) if stored else new_state()
         if not apply_change(state, change) and not is_replay_of_latest(state, change):
-            metrics.DEDUPE_HITS.labels(duplicate_kind(state, change)).inc()  # seen again, or older
+            metrics.child(metrics.DEDUPE_HITS, duplicate_kind(state, change)).inc()  # seen again, or older
             return
         try:
             result = transform(topology, state, change)
@@ -284,7 +283,7 @@ def create_app(
             return
         aggregates[key_bytes] = kept(state.to_json())
         for cmd in result.commands:
-            metrics.TRANSFORMED.labels(cmd.flow).inc()
+            metrics.child(metrics.TRANSFORMED, cmd.flow).inc()
             await ops.topic_for(cmd, apply_out).send(key=cmd.aggregate_key.encode(), value=cmd.to_json())
         await send_conflicts(conflicts, result.conflicts)
         for reason, rejected in result.rejected:
@@ -322,7 +321,7 @@ def create_app(
                 if target is None:
                     continue
                 key_bytes = aggregate_message_key(*target)
-                if (murmur2(key_bytes) & 0x7FFFFFFF) % partitions != message.partition:
+                if aggregate_partition(key_bytes, partitions) != message.partition:
                     await changes.send(key=key_bytes, value=change.to_json())
                     continue
                 await transformed(key_bytes, change)
@@ -380,12 +379,14 @@ def _register_applier(
             now_ms = time.time() * 1000
             for cmd in commands:
                 if cmd.source_commit_ts_ms:
-                    metrics.END_TO_END.labels(system).observe(max(0.0, (now_ms - cmd.source_commit_ts_ms) / 1000))
+                    metrics.child(metrics.END_TO_END, system).observe(
+                        max(0.0, (now_ms - cmd.source_commit_ts_ms) / 1000)
+                    )
             observe_flow_latency(system, commands)
             for outcome in ("applied", "skipped_replay", "skipped_older"):
                 n = getattr(result, outcome, 0)
                 if n:
-                    metrics.APPLIED.labels(system, outcome).inc(n)
+                    metrics.child(metrics.APPLIED, system, outcome).inc(n)
             await send_conflicts(conflicts, result.conflicts)
             for cmd, reason in result.failed:
                 metrics.DEAD_LETTERS.labels("apply", "failed").inc()

@@ -26,12 +26,10 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
 from typing import Any
 
 import faust
 import orjson
-from aiokafka.partitioner import murmur2
 
 from archsync import metrics
 from connectors.kafka_admin import TopicSpec
@@ -39,6 +37,7 @@ from processors import audit
 from processors.model import ApplyCommand, Change, kept
 from processors.record_producer import WorkerApp
 from topology.audit_config import audit_config
+from topology.flows import aggregate_partition
 from topology.model import Topology
 
 log = logging.getLogger(__name__)
@@ -77,10 +76,8 @@ def default_app_id(topology: Topology) -> str:
     return f"archsync-{topology.name}-{topology.topics.prefix}"
 
 
-@lru_cache(maxsize=65_536)  # murmur2 is pure Python; an aggregate's facts come in bunches
-def fact_partition(aggregate: str, partitions: int) -> int:
-    """The partition of an aggregate's facts: Kafka's default (murmur2) partitioner."""
-    return (murmur2(aggregate.encode()) & 0x7FFFFFFF) % partitions
+# the partition of an aggregate's facts: its changes' partition (Kafka's default, murmur2, partitioner)
+fact_partition = aggregate_partition
 
 
 def group_facts(facts: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
@@ -339,7 +336,7 @@ def register_audit(app: faust.App, topology: Topology, settings: Any, *, agent: 
                         key=record["audit_id"].encode(), value=data, partition=partition, headers=[SCHEMA_HEADER]
                     )
                     if not replayed:
-                        metrics.AUDIT_EVENTS.labels(record["kind"]).inc()
+                        metrics.child(metrics.AUDIT_EVENTS, record["kind"]).inc()
                 chains[table_key] = kept(orjson.dumps(state.to_dict()))
 
     @app.timer(30.0)  # reads every chain head this worker holds: not too often

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from topology.expressions import Expression, ExpressionSyntaxError, compile_expression, constant
@@ -58,6 +59,16 @@ def aggregate_message_key(aggregate: str, root_key: Any) -> bytes:
 
         root_key = to_jsonable(root_key)
     return f"{aggregate}:{root_key}".encode()
+
+
+@lru_cache(maxsize=65_536)  # murmur2 is pure Python (µs per key); an aggregate's records come in bunches
+def aggregate_partition(key: str | bytes, partitions: int) -> int:
+    """The partition of an aggregate instance's records (its key, ``form:42``, as text or bytes):
+    Kafka's default (murmur2) partitioner, as the captures, aiokafka and librdkafka's
+    ``murmur2_random`` place them."""
+    from aiokafka.partitioner import murmur2  # not at import: the applier processes need no aiokafka
+
+    return (murmur2(key.encode() if isinstance(key, str) else key) & 0x7FFFFFFF) % partitions
 
 
 class AggregateRouter:

@@ -352,6 +352,8 @@ def _register_applier(
     from processors.transform import aggregate_key_of
 
     runner = ApplyRunner(topology, settings, system, applier_cls=applier_cls)
+    # how long a batch waits for more commands before it is applied (a full batch goes at once)
+    within = env_int("ARCHSYNC_APPLY_WITHIN_MS", 50, minimum=1) / 1000
 
     async def open_applier() -> None:
         try:
@@ -363,7 +365,7 @@ def _register_applier(
         # the applier process and its connection start now, beside the stream (not before it: the
         # agent reads its partitions from the start), so the first batch does not wait for them
         opening = asyncio.ensure_future(open_applier())
-        async for values in stream.take(batch_size, within=0.05):
+        async for values in stream.take(batch_size, within=within):
             if not opening.done():
                 await opening
             commands = [ApplyCommand.from_json(v) for v in values]

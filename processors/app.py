@@ -152,7 +152,7 @@ def _new_app(app_id: str, topology: Topology, settings: Settings) -> WorkerApp:
         web_enabled=False,
         autodiscover=False,
         table_cleanup_interval=60.0,
-        broker_commit_every=1000,
+        broker_commit_every=env_int("ARCHSYNC_COMMIT_EVERY", 1000, minimum=1),
         broker_commit_interval=1.0,
         # a few ms of linger lets aiokafka send one produce request for many records (per-record
         # requests were a third of the event loop's time)

@@ -214,7 +214,10 @@ class WorkerConsumer(AIOKafkaConsumer):
     # slowest stream: new records of the other partitions waited for the next getmany (seconds)
     MAX_HANDED = 500
     # records handed on between two yields to the event loop (Faust: 100, but its ``wait_first``
-    # around each record let the streams run between any two)
+    # around each record let the streams run between any two). Measured on 3,000-form bursts in
+    # turns: every 10 records 454 / 523 / 437 row changes/s against 651 / 707 / 649 with 1, and
+    # ~45% more worker CPU per row change: records handed on in bursts fill the streams' buffers, and
+    # full buffers cost more (held records, partitions taken out of the fetch) than the yields
     YIELD_EVERY = 1
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

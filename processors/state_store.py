@@ -182,7 +182,9 @@ class DiskStore(SerializedStore[Any, Any]):
         self._write("DELETE FROM kv WHERE key = ?", (key,))
 
     def _contains(self, key: bytes) -> bool:
-        return key in self._hot or self._db.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone() is not None
+        # a table's ``get`` asks ``in`` and then reads: a key found on disk is loaded into the hot
+        # cache here, so the read that follows does not query SQLite again
+        return self._get(key) is not None
 
     def _size(self) -> int:
         self.flush()

@@ -73,7 +73,9 @@ class Pipeline:
             **os.environ,
             "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ.get('PATH', '')}",
             # this tree's code, also in a git worktree sharing another tree's virtualenv (benchmarks A/B)
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "PYTHONPATH": os.pathsep.join(
+                [str(REPO), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO))]
+            ),
         }
 
     # -- lifecycle ----------------------------------------------------------------------

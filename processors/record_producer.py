@@ -39,6 +39,7 @@ import faust
 from confluent_kafka import KafkaError, KafkaException, Producer
 from faust.tables.wrappers import WindowWrapper
 
+from archsync.settings import env_int
 from connectors.kafka_sink import producer_config
 from processors.worker_consumer import WorkerTransport
 
@@ -77,8 +78,12 @@ class RecordProducer:
         config = producer_config(
             bootstrap,
             **{
-                # latency: the worker's records are small and many; 2 ms of linger batches them
-                "linger.ms": 2,
+                # the worker's records are small and many: linger batches them into fewer produce
+                # requests (less CPU in librdkafka, the broker and the worker). 2026-11-28, 3,000-form
+                # bursts in turns, 10 vs 2 ms: 614 / 635 / 718 vs 582 / 621 / 604 row changes/s, worker
+                # CPU per row change -6 to -13%; p99 at 200/s 216 / 197 vs 240 / 222 ms (no cost).
+                # 25 ms: no further gain (664 / 615 vs 639 / 628), p99 +35 ms.
+                "linger.ms": env_int("ARCHSYNC_WORKER_LINGER_MS", 10, minimum=0),
                 "compression.type": "none",
                 # what may wait in librdkafka's queue when the broker is slow (the worker's memory)
                 "queue.buffering.max.kbytes": 32_768,

@@ -69,3 +69,5 @@ def test_malformed_worker_tuning(env_with: dict[str, str], repo: Path) -> None:
     assert_one_line_error(run_archsync(["worker"], env, repo), "ARCHSYNC_STATE_STORE")
     env = {**env_with, "ARCHSYNC_STATE_MEMORY_MB": "0"}
     assert_one_line_error(run_archsync(["worker"], env, repo), "ARCHSYNC_STATE_MEMORY_MB")
+    env = {**env_with, "ARCHSYNC_WORKER_LINGER_MS": "-1"}
+    assert_one_line_error(run_archsync(["worker"], env, repo), "ARCHSYNC_WORKER_LINGER_MS")

@@ -28,6 +28,7 @@ event (a table of event ids cost one changelog record per row change and ~0.5 KB
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -410,6 +411,16 @@ def _register_applier(
     app.agent(topic, name=f"apply_{system}")(apply_agent)
 
 
+def quiet_garbage_collector() -> None:
+    """Fewer collections of the worker's short-lived objects (each record makes dicts, events,
+    futures; none in reference cycles that need collecting soon), and the objects made at start
+    (modules, topology, app) moved out of the collector's sight. Measured on a 3,000-form burst
+    (gc.callbacks timing the collections): 0.54 s of 15.2 s of worker CPU in 452 collections with
+    Python's thresholds (700, 10, 10); 0.016 s in 1 with these."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def run_worker(topology: Topology, settings: Settings, loglevel: str = "warn", role: str = "all") -> None:
     """Run the pipeline until stopped (``archsync worker``). ``role``: ``all`` (every agent),
     ``pipeline`` (all but the audit agent) or ``audit`` (the audit agent alone)."""
@@ -428,5 +439,6 @@ def run_worker(topology: Topology, settings: Settings, loglevel: str = "warn", r
     # GIL switch interval a thread coming back from I/O waits for the other one's whole slice
     # (the convoy effect), which cost more than the work itself.
     sys.setswitchinterval(float(os.environ.get("ARCHSYNC_SWITCH_INTERVAL", "0.0005")))
+    quiet_garbage_collector()
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

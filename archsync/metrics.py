@@ -95,6 +95,18 @@ END_TO_END = Histogram(
     ["target"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+APPLY_RETRIES = Counter(
+    "archsync_apply_retries_total",
+    "Apply batches tried again after a failure that passes (connection lost, database unreachable,"
+    " deadlock, serialization failure, applier process died), by error type",
+    ["target", "error"],
+)
+APPLY_RETRYING = Gauge(
+    "archsync_apply_retrying",
+    "1 while the applier of a target retries a batch it could not apply (the target database is"
+    " unreachable or refuses the transaction); 0 once a batch went through",
+    ["target"],
+)
 APPLY_ISOLATED = Counter(
     "archsync_apply_isolated_batches_total",
     "Apply batches re-run group by group because a command of theirs could not be applied",

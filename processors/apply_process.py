@@ -31,9 +31,13 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+import psycopg
 import yaml
 
+from archsync import metrics
+from archsync.errors import ConfigError
 from archsync.settings import Settings
+from connectors.postgres import first_line
 from processors.model import ApplyCommand
 from topology.model import Topology, parse_topology
 
@@ -128,7 +132,43 @@ def _child_open() -> str:
 
 def _child_apply(values: list[bytes]) -> tuple[Any, str]:
     applier = _child_applier()
-    return applier.apply_batch([ApplyCommand.from_json(v) for v in values]), applier.origin
+    try:
+        return applier.apply_batch([ApplyCommand.from_json(v) for v in values]), applier.origin
+    except Exception:
+        if _forget_if_broken(applier):
+            _child.pop("applier", None)
+        raise
+
+
+def _forget_if_broken(applier: Any) -> bool:
+    """Close an applier whose connection is lost (True): the next batch opens a new one."""
+    conn = getattr(applier, "conn", None)
+    if conn is None or not (conn.closed or conn.broken):
+        return False
+    with contextlib.suppress(Exception):
+        applier.close()
+    with contextlib.suppress(Exception):
+        conn.close()
+    return True
+
+
+def passing_failure(exc: BaseException) -> bool:
+    """A failure to apply a batch that passes, so the batch is tried again rather than given up:
+    the connection lost or the database unreachable (``OperationalError``, ``InterfaceError``, a
+    ``ConfigError`` from reconnecting), the transaction refused as a whole (deadlock, serialization
+    failure, lock timeout, admin shutdown: all ``OperationalError``), the replication origin still
+    held by the lost session (``ApplyError``), or the applier process gone (``BrokenProcessPool``).
+    A command the target refuses is not one: the applier isolates it and it is dead-lettered."""
+    from connectors.applier import ApplyError
+
+    return isinstance(
+        exc, (psycopg.OperationalError, psycopg.InterfaceError, ConfigError, ApplyError, BrokenProcessPool, OSError)
+    )
+
+
+def retry_delay(failures: int, first: float = 0.5, longest: float = 30.0) -> float:
+    """Seconds to wait after ``failures`` failed attempts before the next: doubling, capped."""
+    return min(longest, first * 2 ** min(failures, 16))
 
 
 class ApplyRunner:
@@ -178,7 +218,12 @@ class ApplyRunner:
 
     def _apply_here(self, values: list[bytes]) -> tuple[Any, str]:
         self._open_here()
-        return self._applier.apply_batch([ApplyCommand.from_json(v) for v in values]), self._applier.origin
+        try:
+            return self._applier.apply_batch([ApplyCommand.from_json(v) for v in values]), self._applier.origin
+        except Exception:
+            if _forget_if_broken(self._applier):
+                self._applier = None
+            raise
 
     def _executor_now(self) -> Executor:
         if self._executor is None:
@@ -193,13 +238,47 @@ class ApplyRunner:
 
     async def apply(self, values: list[bytes]) -> tuple[Any, str]:
         """Apply one batch; (ApplyResult, replication origin). A dead applier process raises
-        ``BrokenProcessPool`` once; the next call starts a new one."""
+        ``BrokenProcessPool`` once; the next call starts a new one. See :meth:`apply_until_done`."""
         fn = _child_apply if self.in_process else self._apply_here
         try:
             return await asyncio.wrap_future(self._executor_now().submit(fn, values))
         except BrokenProcessPool:
             self.close()
             raise
+
+    async def apply_until_done(self, values: list[bytes]) -> tuple[Any, str]:
+        """:meth:`apply`, tried again after a failure that passes (:func:`passing_failure`) until
+        it goes through: waits of 0.5, 1, 2 … 30 s, each failure logged and counted
+        (``archsync_apply_retries_total``), ``archsync_apply_retrying`` 1 meanwhile. A batch
+        applied before its result was lost (the connection dropped after the commit) is skipped by
+        its guards when tried again. Other errors are raised."""
+        failures = 0
+        while True:
+            try:
+                done = await self.apply(values)
+            except Exception as exc:
+                if not passing_failure(exc):
+                    raise
+                delay = retry_delay(failures)
+                failures += 1
+                metrics.APPLY_RETRIES.labels(self.system, type(exc).__name__).inc()
+                metrics.APPLY_RETRYING.labels(self.system).set(1)
+                log.warning(
+                    "could not apply %d commands to %s (attempt %d): %s: %s; trying again in %.1f s",
+                    len(values),
+                    self.system,
+                    failures,
+                    type(exc).__name__,
+                    first_line(exc),
+                    delay,
+                    extra={"target": self.system, "commands": len(values), "attempt": failures},
+                )
+                await asyncio.sleep(delay)
+                continue
+            if failures:
+                metrics.APPLY_RETRYING.labels(self.system).set(0)
+                log.warning("applied to %s again after %d failed attempts", self.system, failures)
+            return done
 
     def close(self) -> None:
         if self._executor is not None:

@@ -310,10 +310,22 @@ case "${1:-up}" in
     done
     rm -rf "$KAFKA_DIR" "$PROM_DIR/data"
     ;;
+  restart-db) # restart-db oa|archive: a fast restart of one database (what a failover or an
+    # operator's restart looks like to archsync; the integration tests use it)
+    case "${2:-}" in oa|archive) ;; *) die "usage: $0 restart-db oa|archive" ;; esac
+    log "restarting PostgreSQL cluster archsync_$2"
+    as_root pg_ctlcluster "$PG_VERSION" "archsync_$2" restart -m fast
+    port=$OA_PORT; [ "$2" = archive ] && port=$ARCHIVE_PORT
+    for i in $(seq 1 60); do
+      if as_root runuser -u postgres -- psql -p "$port" -h /var/run/postgresql -d postgres -Atqc 'select 1' >/dev/null 2>&1; then break; fi
+      sleep 0.5
+    done
+    [ "$i" != 60 ] || die "PostgreSQL archsync_$2 does not answer on port $port after the restart"
+    ;;
   status)
     pg_lsclusters | grep -E 'archsync_|Ver' || true
     if kafka_alive; then echo "kafka running pid $(kafka_pid) port $KAFKA_PORT"; else echo "kafka down"; fi
     if prom_alive; then echo "prometheus running pid $(prom_pid) port $PROM_PORT"; else echo "prometheus down"; fi
     ;;
-  *) die "usage: $0 up|down|reset|status" ;;
+  *) die "usage: $0 up|down|reset|status|restart-db oa|archive" ;;
 esac

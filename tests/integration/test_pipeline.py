@@ -504,3 +504,54 @@ def test_rejected_change_is_dead_lettered_and_replayed_after_a_topology_fix(
         )
     finally:
         p.cleanup()
+
+
+@pytest.mark.parametrize("restarted", ["archive", "oa"])
+def test_database_restarts_mid_run_nothing_lost_or_duplicated(pipeline: Pipeline, unique: str, restarted: str) -> None:
+    """A target database restarts (fast shutdown: every session cut) while forms flow: the applier
+    retries its batch until the database is back, the captures reconnect; every form ends as one
+    item with its file and its code written back, numbered without gaps."""
+    import subprocess
+    import threading
+
+    import psycopg
+
+    from archsync.errors import ConfigError
+
+    p = pipeline
+    fonds = f"R{unique[:5]}"
+    forms = [new_form(p, f"R-{unique}-{n:02d}", fonds, attachments=1) for n in range(12)]
+    for form_id in forms[:4]:
+        approve(p, form_id)
+    p.wait_for(lambda: len(archive_fingerprint(p, fonds)) == 4, 60, "the first items")
+    repo = Path(__file__).resolve().parents[2]
+    restart = threading.Thread(
+        target=subprocess.run,
+        args=([str(repo / "scripts" / "services.sh"), "restart-db", restarted],),
+        kwargs={"check": True, "capture_output": True, "timeout": 120},
+    )
+    restart.start()  # forms go on being approved while the database goes down and comes back
+    for form_id in forms[4:8]:
+        try:
+            approve(p, form_id)
+        except (psycopg.OperationalError, ConfigError):  # the OA database is the one restarting: approve afterwards
+            restart.join()
+            approve(p, form_id)
+    restart.join()
+    for form_id in forms[8:]:
+        approve(p, form_id)
+    p.wait_for(lambda: len(archive_fingerprint(p, fonds)) == 12, 180, "all 12 items after the restart")
+    p.wait_for(lambda: file_count(p, fonds) == 12, 60, "all 12 files")
+    numbers = sorted(r[0] for r in p.sql("archive", "SELECT item_no FROM arc_item WHERE fonds_code = %s", (fonds,)))
+    assert numbers == list(range(1, 13))
+    p.wait_for(
+        lambda: (
+            p.sql("oa", "SELECT count(*) FROM oa_form WHERE fonds_code = %s AND archive_code IS NOT NULL", (fonds,))
+            == [(12,)]
+        ),
+        120,
+        "every archival code written back",
+    )
+    log = p.log.read_text(errors="replace")
+    assert "Crashed" not in log, "an agent crashed"
+    assert "trying again" in log  # the applier's connection was cut: its next batch was tried again

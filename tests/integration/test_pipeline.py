@@ -555,3 +555,44 @@ def test_database_restarts_mid_run_nothing_lost_or_duplicated(pipeline: Pipeline
     log = p.log.read_text(errors="replace")
     assert "Crashed" not in log, "an agent crashed"
     assert "trying again" in log  # the applier's connection was cut: its next batch was tried again
+
+
+def test_broker_stops_answering_mid_run_nothing_lost_or_duplicated(pipeline: Pipeline, unique: str) -> None:
+    """The Kafka broker stops answering for 12 s (SIGSTOP: longer than the worker's 10 s session)
+    while forms are approved: the captures hold their slots, the worker's records wait in its
+    producer, its group rejoins afterwards; every form ends as one item, numbered without gaps."""
+    import os
+    import signal
+    import time
+
+    from .test_capture_recovery import kafka_pid
+
+    p = pipeline
+    fonds = f"K{unique[:5]}"
+    forms = [new_form(p, f"K-{unique}-{n:02d}", fonds, attachments=1) for n in range(12)]
+    for form_id in forms[:4]:
+        approve(p, form_id)
+    p.wait_for(lambda: len(archive_fingerprint(p, fonds)) == 4, 60, "the first items")
+    pid = kafka_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for form_id in forms[4:8]:
+            approve(p, form_id)
+        time.sleep(12)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    for form_id in forms[8:]:
+        approve(p, form_id)
+    p.wait_for(lambda: len(archive_fingerprint(p, fonds)) == 12, 180, "all 12 items after the outage")
+    p.wait_for(lambda: file_count(p, fonds) == 12, 60, "all 12 files")
+    items = p.sql("archive", "SELECT source_ref, item_no FROM arc_item WHERE fonds_code = %s ORDER BY 2", (fonds,))
+    assert sorted(n for _, n in items) == list(range(1, 13)), items
+    p.wait_for(
+        lambda: (
+            p.sql("oa", "SELECT count(*) FROM oa_form WHERE fonds_code = %s AND archive_code IS NOT NULL", (fonds,))
+            == [(12,)]
+        ),
+        120,
+        "every archival code written back",
+    )
+    assert "Crashed" not in p.log.read_text(errors="replace"), "an agent crashed"

@@ -50,7 +50,7 @@ from processors.batch_take import take_batches
 from processors.consumer_watch import ConsumerWatch
 from processors.model import ApplyCommand, Change, Conflict, kept
 from processors.normalise import normalise
-from processors.record_producer import OutputTopic, WorkerApp
+from processors.record_producer import EXIT_AGENT_CRASHED, OutputTopic, WorkerApp
 from processors.recovery_watch import RecoveryWatch, recovery_stall_seconds
 from processors.state_store import memory_budget, store_url
 from processors.sync_modes import operations_topics
@@ -486,4 +486,8 @@ def run_worker(topology: Topology, settings: Settings, loglevel: str = "warn", r
     sys.setswitchinterval(float(os.environ.get("ARCHSYNC_SWITCH_INTERVAL", "0.0005")))
     quiet_garbage_collector()
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        if getattr(app, "agent_crash", None) is not None:
+            sys.exit(EXIT_AGENT_CRASHED)

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
@@ -252,6 +254,9 @@ class DeferredChangelog:
         return out
 
 
+EXIT_AGENT_CRASHED = 70  # EX_SOFTWARE: the worker stopped because an agent failed
+
+
 class WorkerApp(faust.App):
     """A Faust app whose pre-commit flush also delivers the :class:`RecordProducer`'s records and
     then the held changelog records of its tables (see the module's doc)."""
@@ -293,6 +298,30 @@ class WorkerApp(faust.App):
                 await callback()
             except Exception:  # a watch must not stop the worker
                 log.exception("%s failed", getattr(callback, "__qualname__", callback))
+
+    # an agent that stopped on an error it does not handle (a bug): the worker stops with it
+    agent_crash: BaseException | None = None
+
+    async def _on_agent_error(self, agent: Any, exc: BaseException) -> None:
+        """Faust (every agent's ``on_error``) commits what was acknowledged, then restarts the
+        agent on a fresh stream, while the events its stream had taken
+        stayed unacknowledged: their partition stopped committing, and nothing said so (seen when
+        the applier's database restarted, before passing failures were retried). The worker stops
+        instead (SIGTERM: a clean stop, records delivered) and exits non-zero
+        (:data:`EXIT_AGENT_CRASHED`): restarted, it resumes from the committed offsets."""
+        await super()._on_agent_error(agent, exc)
+        if self.agent_crash is not None:
+            return
+        self.agent_crash = exc
+        log.critical(
+            "agent %s stopped on an unexpected error (%s: %s): stopping the worker; restarted, it"
+            " resumes from its committed offsets",
+            getattr(agent, "name", agent),
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _new_transport(self) -> Any:
         return WorkerTransport(self.conf.broker_consumer, self)  # its consumer keeps fetched records

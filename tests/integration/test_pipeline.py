@@ -554,6 +554,7 @@ def test_database_restarts_mid_run_nothing_lost_or_duplicated(pipeline: Pipeline
     )
     log = p.log.read_text(errors="replace")
     assert "Crashed" not in log, "an agent crashed"
+    assert p.worker is not None and p.worker.poll() is None, "the worker stopped"
     assert "trying again" in log  # the applier's connection was cut: its next batch was tried again
 
 
@@ -596,3 +597,4 @@ def test_broker_stops_answering_mid_run_nothing_lost_or_duplicated(pipeline: Pip
         "every archival code written back",
     )
     assert "Crashed" not in p.log.read_text(errors="replace"), "an agent crashed"
+    assert p.worker is not None and p.worker.poll() is None, "the worker stopped"

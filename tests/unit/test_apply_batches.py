@@ -165,3 +165,30 @@ def test_an_applier_whose_connection_is_lost_is_forgotten() -> None:
 
     assert not _forget_if_broken(Applier(broken=False)) and closed == []
     assert _forget_if_broken(Applier(broken=True)) and closed == ["applier", "conn"]
+
+
+def test_an_agent_that_crashes_stops_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    from processors import record_producer
+    from processors.record_producer import WorkerApp
+
+    kills: list[tuple[int, int]] = []
+    monkeypatch.setattr(record_producer.os, "kill", lambda pid, sig: kills.append((pid, sig)))
+    app = WorkerApp("archsync-unit-crash", broker="kafka://127.0.0.1:1", web_enabled=False, autodiscover=False)
+
+    @app.agent(app.channel(), name="crashing")
+    async def crashing(stream: Any) -> None:
+        async for _ in stream:
+            pass
+
+    assert crashing._on_error == app._on_agent_error  # every agent of the app gets the handler
+
+    async def run() -> None:
+        await app._on_agent_error(crashing, ValueError("a bug"))
+        await app._on_agent_error(crashing, ValueError("again"))
+
+    asyncio.run(run())
+    assert isinstance(app.agent_crash, ValueError) and str(app.agent_crash) == "a bug"
+    assert kills == [(os.getpid(), signal.SIGTERM)]  # once: a clean stop, exit code 70 after it

@@ -46,7 +46,6 @@ from archsync.settings import Settings, env_int, state_dir
 from connectors.kafka_admin import TopicSpec, ensure_topics
 from processors.apply_process import ApplyRunner
 from processors.audit_agent import audit_topic_specs, hooks_for, register_audit
-from processors.batch_take import take_batches
 from processors.consumer_watch import ConsumerWatch
 from processors.model import ApplyCommand, Change, Conflict, kept
 from processors.normalise import normalise
@@ -371,8 +370,6 @@ def create_app(
             else:
                 await transformed(event.key, Change.from_json(event.value))
 
-    # the worker's consumer hands on the apply commands first, in runs (processors/batch_take.py)
-    app.bulk_topics = frozenset(names[f"apply_{system}"] for system in topology.sources)
     dlq_apply = records.topic(names["dlq_apply"])
     for system in topology.sources:
         _register_applier(
@@ -410,10 +407,9 @@ def _register_applier(
         # the applier process and its connection start now, beside the stream (not before it: the
         # agent reads its partitions from the start), so the first batch does not wait for them
         opening = asyncio.ensure_future(open_applier())
-        async for events in take_batches(stream, batch_size, within):
+        async for values in stream.take(batch_size, within=within):
             if not opening.done():
                 await opening
-            values = [event.value for event in events]
             commands = [ApplyCommand.from_json(v) for v in values]
             started = time.perf_counter()
             result, origin = await runner.apply_until_done(values)

@@ -262,7 +262,6 @@ class WorkerApp(faust.App):
     then the held changelog records of its tables (see the module's doc)."""
 
     records: RecordProducer | None = None
-    bulk_topics: frozenset[str] = frozenset()  # see WorkerConsumer.bulk_topics
 
     def before_commit(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` in every pre-commit flush, before the records are awaited."""

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Generator, Mapping
 from typing import Any, cast
 
 from faust.transport.consumer import CONSUMER_FETCHING
@@ -121,25 +121,6 @@ FETCH_MAX_WAIT_MS = 100
 FETCH_MAX_WAIT_BUSY_MS = 1500
 # behind: records held by the consumer, or a stream's buffer at least this full
 BUSY_FILL = 0.5
-
-
-Batch = Mapping[Any, list[Any]]  # fetched records by partition
-
-
-def bulk_first(
-    batch: Batch, bulk: frozenset[str], round_robin: Callable[[Batch], Iterator[Any]]
-) -> Iterator[tuple[Any, Any]]:
-    """The (partition, record) pairs of ``batch``: the records of ``bulk`` topics first, partition by
-    partition, then the others in ``round_robin`` order (Faust's scheduler). A partition's records
-    keep their order either way."""
-    if not bulk or not any(tp.topic in bulk for tp in batch):
-        yield from round_robin(batch)
-        return
-    for tp, records in batch.items():
-        if tp.topic in bulk:
-            for record in records:
-                yield tp, record
-    yield from round_robin({tp: rs for tp, rs in batch.items() if tp.topic not in bulk})
 
 
 def fetch_waits() -> tuple[int, int]:
@@ -286,7 +267,6 @@ class WorkerConsumer(AIOKafkaConsumer):
         # Faust's Consumer.getmany (faust-streaming 0.15.3), plus: hold the records of a stream
         # whose buffer is full, count what is handed on, seek back to what is neither
         index = getattr(self.app.topics, "_tp_index", {})  # the conductor's routing: tp → streams
-        bulk = self.bulk_topics
         thread = getattr(self, "_thread", None)
         if isinstance(thread, WorkerConsumerThread):
             thread.set_fetch_wait(self._fetch_wait_busy if self._busy(index) else self._fetch_wait)
@@ -313,7 +293,7 @@ class WorkerConsumer(AIOKafkaConsumer):
         handed = 0
         if self.flow_active:
             to_message = self._to_message
-            for tp, record in bulk_first(batch, bulk, self.scheduler.iterate):
+            for tp, record in self.scheduler.iterate(batch):
                 if not self.flow_active:
                     reason = "flow stopped"
                     break
@@ -324,8 +304,7 @@ class WorkerConsumer(AIOKafkaConsumer):
                     continue
                 waiting = held.get(tp)
                 if waiting is not None or (
-                    ((handed >= self.MAX_HANDED and tp.topic not in bulk) or self._stream_fill(tp, index) >= 1.0)
-                    and not self._is_changelog_tp(tp)
+                    (handed >= self.MAX_HANDED or self._stream_fill(tp, index) >= 1.0) and not self._is_changelog_tp(tp)
                 ):
                     # the stream has no room: this record and the partition's next ones wait
                     if waiting is None:
@@ -334,8 +313,7 @@ class WorkerConsumer(AIOKafkaConsumer):
                 elif active_partitions is None or tp in active_partitions or tp in self._buffered_partitions:
                     self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
                     delivered[tp] = delivered.get(tp, 0) + 1
-                    if tp.topic not in bulk:
-                        handed += 1
+                    handed += 1
                     yield tp, to_message(tp, record)
                 else:
                     # a partition paused meanwhile: its remaining records are not handed on either
@@ -350,12 +328,6 @@ class WorkerConsumer(AIOKafkaConsumer):
         left = undelivered(batch, delivered)
         if left:
             await self._seek_back(left, reason)
-
-    @property
-    def bulk_topics(self) -> frozenset[str]:
-        """Topics whose records go on first and in a run (no yield between two): the app's
-        ``bulk_topics`` (the apply topics, read in batches by :func:`processors.batch_take.take_batches`)."""
-        return getattr(self.app, "bulk_topics", frozenset())
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - runs in the worker
         """Faust's delivery loop (faust-streaming 0.15.3 ``Consumer._drain_messages``), except that
@@ -374,7 +346,6 @@ class WorkerConsumer(AIOKafkaConsumer):
         yield_every = self.YIELD_EVERY
         num_since_yield = 0
         sleep = asyncio.sleep
-        bulk = self.bulk_topics
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
@@ -382,11 +353,10 @@ class WorkerConsumer(AIOKafkaConsumer):
                 await self.sleep(0)
                 if not self.should_stop:
                     async for tp, message in ait:
-                        if tp.topic not in bulk:  # records of bulk topics go on in a run
-                            num_since_yield += 1
-                            if num_since_yield >= yield_every:
-                                await sleep(0)
-                                num_since_yield = 0
+                        num_since_yield += 1
+                        if num_since_yield >= yield_every:
+                            await sleep(0)
+                            num_since_yield = 0
                         offset = message.offset
                         r_offset = get_read_offset(tp)
                         if r_offset is None or offset >= r_offset:

@@ -51,6 +51,16 @@ ensure_packages() {
 }
 
 # ---------------------------------------------------------------- PostgreSQL
+pg_wait_ready() { # name port: until the cluster answers (30 s), else its log tail and die
+  local name=$1 port=$2 i
+  for i in $(seq 1 60); do
+    if as_root runuser -u postgres -- psql -p "$port" -h /var/run/postgresql -d postgres -Atqc 'select 1' >/dev/null 2>&1; then return; fi
+    sleep 0.5
+  done
+  tail -n 30 "/var/log/postgresql/postgresql-$PG_VERSION-$name.log" >&2
+  die "PostgreSQL $name does not answer on port $port"
+}
+
 pg_cluster_up() { # name port database
   local name=$1 port=$2 db=$3
   if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -qx "$PG_VERSION $name"; then
@@ -86,12 +96,7 @@ CONF
       die "PostgreSQL cluster $name did not start (log tail above)"
     }
   fi
-  local i
-  for i in $(seq 1 60); do
-    if as_root runuser -u postgres -- psql -p "$port" -h /var/run/postgresql -d postgres -Atqc 'select 1' >/dev/null 2>&1; then break; fi
-    sleep 0.5
-  done
-  [ "$i" != 60 ] || { tail -n 30 "/var/log/postgresql/postgresql-$PG_VERSION-$name.log" >&2; die "PostgreSQL $name does not answer on port $port"; }
+  pg_wait_ready "$name" "$port"
   as_root runuser -u postgres -- psql -p "$port" -h /var/run/postgresql -d postgres -v ON_ERROR_STOP=1 -qAt >/dev/null <<SQL
 SET client_min_messages = warning;
 DO \$\$ BEGIN
@@ -316,11 +321,7 @@ case "${1:-up}" in
     log "restarting PostgreSQL cluster archsync_$2"
     as_root pg_ctlcluster "$PG_VERSION" "archsync_$2" restart -m fast
     port=$OA_PORT; [ "$2" = archive ] && port=$ARCHIVE_PORT
-    for i in $(seq 1 60); do
-      if as_root runuser -u postgres -- psql -p "$port" -h /var/run/postgresql -d postgres -Atqc 'select 1' >/dev/null 2>&1; then break; fi
-      sleep 0.5
-    done
-    [ "$i" != 60 ] || die "PostgreSQL archsync_$2 does not answer on port $port after the restart"
+    pg_wait_ready "archsync_$2" "$port"
     ;;
   status)
     pg_lsclusters | grep -E 'archsync_|Ver' || true

@@ -506,6 +506,36 @@ def test_rejected_change_is_dead_lettered_and_replayed_after_a_topology_fix(
         p.cleanup()
 
 
+def twelve_forms_four_synced(p: Pipeline, fonds: str, unique: str) -> tuple[str, list[int]]:
+    """12 forms of one fonds (one attachment each), the first 4 approved and archived."""
+    forms = [new_form(p, f"{fonds}-{unique}-{n:02d}", fonds, attachments=1) for n in range(12)]
+    for form_id in forms[:4]:
+        approve(p, form_id)
+    p.wait_for(lambda: len(archive_fingerprint(p, fonds)) == 4, 60, "the first items")
+    return fonds, forms
+
+
+def all_twelve_synced(p: Pipeline, fonds: str) -> str:
+    """After an outage: 12 items with their files, numbered 1..12 (no gap, no duplicate), every
+    code written back, no agent crashed, the worker still running. Returns the worker log."""
+    p.wait_for(lambda: len(archive_fingerprint(p, fonds)) == 12, 180, "all 12 items after the outage")
+    p.wait_for(lambda: file_count(p, fonds) == 12, 60, "all 12 files")
+    items = p.sql("archive", "SELECT source_ref, item_no FROM arc_item WHERE fonds_code = %s ORDER BY 2", (fonds,))
+    assert sorted(n for _, n in items) == list(range(1, 13)), items
+    p.wait_for(
+        lambda: (
+            p.sql("oa", "SELECT count(*) FROM oa_form WHERE fonds_code = %s AND archive_code IS NOT NULL", (fonds,))
+            == [(12,)]
+        ),
+        120,
+        "every archival code written back",
+    )
+    log = p.log.read_text(errors="replace")
+    assert "Crashed" not in log, "an agent crashed"
+    assert p.worker is not None and p.worker.poll() is None, "the worker stopped"
+    return log
+
+
 @pytest.mark.parametrize("restarted", ["archive", "oa"])
 def test_database_restarts_mid_run_nothing_lost_or_duplicated(pipeline: Pipeline, unique: str, restarted: str) -> None:
     """A target database restarts (fast shutdown: every session cut) while forms flow: the applier
@@ -519,11 +549,7 @@ def test_database_restarts_mid_run_nothing_lost_or_duplicated(pipeline: Pipeline
     from archsync.errors import ConfigError
 
     p = pipeline
-    fonds = f"R{unique[:5]}"
-    forms = [new_form(p, f"R-{unique}-{n:02d}", fonds, attachments=1) for n in range(12)]
-    for form_id in forms[:4]:
-        approve(p, form_id)
-    p.wait_for(lambda: len(archive_fingerprint(p, fonds)) == 4, 60, "the first items")
+    fonds, forms = twelve_forms_four_synced(p, f"R{unique[:5]}", unique)
     repo = Path(__file__).resolve().parents[2]
     restart = threading.Thread(
         target=subprocess.run,
@@ -540,21 +566,7 @@ def test_database_restarts_mid_run_nothing_lost_or_duplicated(pipeline: Pipeline
     restart.join()
     for form_id in forms[8:]:
         approve(p, form_id)
-    p.wait_for(lambda: len(archive_fingerprint(p, fonds)) == 12, 180, "all 12 items after the restart")
-    p.wait_for(lambda: file_count(p, fonds) == 12, 60, "all 12 files")
-    numbers = sorted(r[0] for r in p.sql("archive", "SELECT item_no FROM arc_item WHERE fonds_code = %s", (fonds,)))
-    assert numbers == list(range(1, 13))
-    p.wait_for(
-        lambda: (
-            p.sql("oa", "SELECT count(*) FROM oa_form WHERE fonds_code = %s AND archive_code IS NOT NULL", (fonds,))
-            == [(12,)]
-        ),
-        120,
-        "every archival code written back",
-    )
-    log = p.log.read_text(errors="replace")
-    assert "Crashed" not in log, "an agent crashed"
-    assert p.worker is not None and p.worker.poll() is None, "the worker stopped"
+    log = all_twelve_synced(p, fonds)
     assert "trying again" in log  # the applier's connection was cut: its next batch was tried again
 
 
@@ -569,11 +581,7 @@ def test_broker_stops_answering_mid_run_nothing_lost_or_duplicated(pipeline: Pip
     from .test_capture_recovery import kafka_pid
 
     p = pipeline
-    fonds = f"K{unique[:5]}"
-    forms = [new_form(p, f"K-{unique}-{n:02d}", fonds, attachments=1) for n in range(12)]
-    for form_id in forms[:4]:
-        approve(p, form_id)
-    p.wait_for(lambda: len(archive_fingerprint(p, fonds)) == 4, 60, "the first items")
+    fonds, forms = twelve_forms_four_synced(p, f"K{unique[:5]}", unique)
     pid = kafka_pid()
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -584,17 +592,4 @@ def test_broker_stops_answering_mid_run_nothing_lost_or_duplicated(pipeline: Pip
         os.kill(pid, signal.SIGCONT)
     for form_id in forms[8:]:
         approve(p, form_id)
-    p.wait_for(lambda: len(archive_fingerprint(p, fonds)) == 12, 180, "all 12 items after the outage")
-    p.wait_for(lambda: file_count(p, fonds) == 12, 60, "all 12 files")
-    items = p.sql("archive", "SELECT source_ref, item_no FROM arc_item WHERE fonds_code = %s ORDER BY 2", (fonds,))
-    assert sorted(n for _, n in items) == list(range(1, 13)), items
-    p.wait_for(
-        lambda: (
-            p.sql("oa", "SELECT count(*) FROM oa_form WHERE fonds_code = %s AND archive_code IS NOT NULL", (fonds,))
-            == [(12,)]
-        ),
-        120,
-        "every archival code written back",
-    )
-    assert "Crashed" not in p.log.read_text(errors="replace"), "an agent crashed"
-    assert p.worker is not None and p.worker.poll() is None, "the worker stopped"
+    all_twelve_synced(p, fonds)

@@ -87,6 +87,22 @@ CREATE TABLE IF NOT EXISTS archsync_applied_command (
 );
 COMMENT ON TABLE archsync_applied_command IS
   'archsync applier: ids of insert_once commands already applied (no duplicate on replay)';
+DO $do$ BEGIN
+  IF to_regprocedure('archsync_one(anyarray, text)') IS NULL THEN
+    CREATE FUNCTION archsync_one(candidates anyarray, what text) RETURNS anyelement
+    LANGUAGE plpgsql STABLE AS $f$
+    BEGIN
+      IF cardinality(candidates) = 1 THEN
+        RETURN candidates[1];
+      ELSIF cardinality(candidates) = 0 THEN
+        RAISE EXCEPTION '% found no row (parent not applied yet?)', what USING ERRCODE = 'no_data_found';
+      END IF;
+      RAISE EXCEPTION '% matches more than one row', what USING ERRCODE = 'too_many_rows';
+    END $f$;
+    COMMENT ON FUNCTION archsync_one(anyarray, text) IS
+      'archsync applier: the one value a $lookup finds, or an error naming the lookup';
+  END IF;
+END $do$;
 """
 
 # a guard row replaces the one of the same target row and source system
@@ -205,6 +221,69 @@ class _InList:
     values: tuple[Any, ...]
 
 
+@dataclass(frozen=True, eq=False)
+class _NextItemNo:
+    """The next gap-free item number of a fonds/class/year, drawn by the statement that writes it
+    (``arc_next_item_no`` as a FROM item named ``alias``): no round trip to fetch it first."""
+
+    alias: str
+    params: tuple[Any, ...]  # fonds, class, year
+
+    def from_item(self) -> sql.Composable:
+        return sql.SQL("(SELECT arc_next_item_no(%s::text, %s::text, %s::integer) AS n) {}").format(
+            sql.Identifier(self.alias)
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class _Computed:
+    """A value the target computes in the statement that matches or writes it (a ``$lookup``, an
+    allocated code): ``text`` with its ``params``, in place of a ``%s`` parameter. ``shape`` tells
+    the statement texts apart for the SQL cache; ``source`` is a FROM item the text reads."""
+
+    shape: tuple[Any, ...]
+    text: sql.Composable
+    params: tuple[Any, ...] = ()
+    source: _NextItemNo | None = None
+
+
+def _value_sql(table: TargetTable, column: str, value: Any) -> sql.Composable:
+    """How a value to write appears in a statement: its computation, or a parameter cast to the column's type."""
+    if isinstance(value, _Computed):
+        return value.text
+    return sql.SQL("%s::{}").format(sql.SQL(table.type_of(column)))
+
+
+def _value_params(values: Iterable[Any]) -> list[Any]:
+    """The parameters of values rendered by :func:`_value_sql`, in order."""
+    out: list[Any] = []
+    for v in values:
+        if isinstance(v, _Computed):
+            out.extend(v.params)
+        else:
+            out.append(v)
+    return out
+
+
+def _value_shape(values: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple((c, v.shape if isinstance(v, _Computed) else 0) for c, v in values.items())
+
+
+def _sources(values: Iterable[Any]) -> list[_NextItemNo]:
+    """The FROM items the computed ``values`` read, each once, in order."""
+    found: dict[str, _NextItemNo] = {}
+    for v in values:
+        if isinstance(v, _Computed) and v.source is not None:
+            found.setdefault(v.source.alias, v.source)
+    return list(found.values())
+
+
+def _from_clause(sources: list[_NextItemNo]) -> sql.Composable:
+    if not sources:
+        return sql.SQL("")
+    return sql.SQL(" FROM ") + sql.SQL(", ").join(s.from_item() for s in sources)
+
+
 def _decode_bytes(value: Any) -> Any:
     spec = _special(value, "$bytes")
     if spec is not None:
@@ -216,8 +295,18 @@ def _decode_bytes(value: Any) -> Any:
 
 def archival_code(fonds: str | None, class_code: str, year: int, retention: str, volume: int, item: int) -> str:
     """``<fonds>-<class>·<year>·<retention>-<volume:04d>-<item:04d>`` (no fonds prefix when empty)."""
+    return f"{archival_code_prefix(fonds, class_code, year, retention, volume)}{item:04d}"
+
+
+def archival_code_prefix(fonds: str | None, class_code: str, year: int, retention: str, volume: int) -> str:
+    """An archival code up to its item number (see :func:`archival_code`)."""
     prefix = f"{fonds}-" if fonds else ""
-    return f"{prefix}{class_code}·{year}·{retention}-{volume:04d}-{item:04d}"
+    return f"{prefix}{class_code}·{year}·{retention}-{volume:04d}-"
+
+
+# the archival code the target writes: the prefix parameter and the drawn number, 4 digits at least
+# (as ``archival_code`` formats it)
+_CODE_SQL = "%s::text || lpad({0}::text, greatest(4, length({0}::text)), '0')"
 
 
 class Applier:
@@ -613,17 +702,21 @@ class Applier:
             write.update(self._allocate(table, col, spec))
         if rows:
             if write:
+                sources = _sources(write.values())
                 query = self._cached(
-                    ("update", table.name, tuple(write), _shape(match)),
-                    lambda: sql.SQL("UPDATE {} SET {} WHERE {}").format(
+                    ("update", table.name, _value_shape(write), _shape(match)),
+                    lambda: sql.SQL("UPDATE {} SET {}{} WHERE {}").format(
                         table.ident,
                         sql.SQL(", ").join(
-                            sql.SQL("{} = %s::{}").format(sql.Identifier(c), sql.SQL(table.type_of(c))) for c in write
+                            sql.SQL("{} = {}").format(sql.Identifier(c), _value_sql(table, c, v))
+                            for c, v in write.items()
                         ),
+                        _from_clause(sources),
                         self._where(table, match),
                     ),
                 )
-                cur = self.conn.execute(query, [*write.values(), *self._where_params(match)])
+                params = [*_value_params(write.values()), *(p for s in sources for p in s.params)]
+                cur = self.conn.execute(query, [*params, *self._where_params(match)])
                 if cmd.echo:
                     self._echo(cmd, table, "u", match, out)
                 self._count(cur, out)
@@ -696,16 +789,21 @@ class Applier:
 
     # ------------------------------------------------------------------------------ helpers
     def _insert(self, table: TargetTable, row: Mapping[str, Any]) -> None:
-        """INSERT one row, each value cast to its column's type."""
-        query = self._cached(
-            ("insert", table.name, tuple(row)),
-            lambda: sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+        """INSERT one row, each value cast to its column's type (or computed by the target)."""
+        sources = _sources(row.values())
+
+        def build() -> sql.Composable:
+            values = sql.SQL(", ").join(_value_sql(table, c, v) for c, v in row.items())
+            return sql.SQL("INSERT INTO {} ({}) {}").format(
                 table.ident,
                 sql.SQL(", ").join(sql.Identifier(c) for c in row),
-                sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(table.type_of(c))) for c in row),
-            ),
-        )
-        self.conn.execute(query, list(row.values()))
+                sql.SQL("SELECT {}{}").format(values, _from_clause(sources))
+                if sources
+                else sql.SQL("VALUES ({})").format(values),
+            )
+
+        query = self._cached(("insert", table.name, _value_shape(row)), build)
+        self.conn.execute(query, [*_value_params(row.values()), *(p for s in sources for p in s.params)])
 
     def _echo(self, cmd: ApplyCommand, table: TargetTable, op: str, match: dict[str, Any], out: ApplyResult) -> None:
         """Read back the row ``cmd`` wrote (for ``echo`` commands) into ``out.echoes``."""
@@ -812,31 +910,30 @@ class Applier:
             return self._allocate(table, column, spec)
         return {column: self._param(value, table, column)}
 
-    def _lookup(self, spec: Any) -> Any:
+    def _lookup(self, spec: Any) -> _Computed:
+        """A ``$lookup``, found by the statement that uses it (no round trip): ``archsync_one``
+        (GUARD_DDL) raises, naming the lookup, unless exactly one row matches."""
         if not isinstance(spec, dict) or not {"table", "column", "where"} <= spec.keys() or not spec["where"]:
             raise CommandError(f"malformed $lookup {spec!r}: expected table, column and a non-empty where")
         table = self._table(str(spec["table"]))
         column = str(spec["column"])
-        table.type_of(column)
+        if table.type_of(column).endswith("]"):
+            raise CommandError(f"$lookup of {table.name}.{column}: an array column cannot be looked up")
         where = {c: self._param(v, table, c) for c, v in spec["where"].items()}
-        query = self._cached(
-            ("lookup", table.name, column, _shape(where)),
-            lambda: sql.SQL("SELECT {} FROM {} WHERE {} LIMIT 2").format(
+        described = orjson.dumps(spec["where"], option=orjson.OPT_SORT_KEYS, default=json_default).decode()
+        shape = ("lookup", table.name, column, _shape(where))
+        text = self._cached(
+            shape,
+            lambda: sql.SQL("archsync_one(ARRAY(SELECT {} FROM {} WHERE {} LIMIT 2), %s::text)").format(
                 sql.Identifier(column), table.ident, self._where(table, where)
             ),
         )
-        rows = self.conn.execute(query, list(self._where_params(where))).fetchall()
-        described = orjson.dumps(spec["where"], option=orjson.OPT_SORT_KEYS, default=json_default).decode()
-        if not rows:
-            raise CommandError(
-                f"$lookup {table.name}.{column} where {described} found no row (parent not applied yet?)"
-            )
-        if len(rows) > 1:
-            raise CommandError(f"$lookup {table.name}.{column} where {described} matches more than one row")
-        return rows[0][0]
+        what = f"$lookup {table.name}.{column} where {described}"
+        return _Computed(shape, sql.SQL(text.decode()), (*self._where_params(where), what))
 
     def _allocate(self, table: TargetTable, column: str, spec: Any) -> dict[str, Any]:
-        """A new gap-free archival code (and item/volume numbers) for ``table.column``."""
+        """A new gap-free archival code (and item/volume numbers) for ``table.column``, the number
+        drawn by the statement that writes the row (no round trip)."""
         if not isinstance(spec, dict) or not {"class", "year", "retention"} <= spec.keys():
             raise CommandError(f"malformed $allocate {spec!r}: expected fonds, class, year and retention")
         fonds = spec.get("fonds") or None
@@ -844,17 +941,15 @@ class Applier:
             year = int(spec["year"])
         except (TypeError, ValueError):
             raise CommandError(f"$allocate year {spec['year']!r} is not an integer") from None
-        row = self.conn.execute(
-            "SELECT arc_next_item_no(%s::text, %s::text, %s::integer)", (fonds, str(spec["class"]), year)
-        ).fetchone()
-        if row is None or row[0] is None:
-            raise CommandError(f"arc_next_item_no returned no number for {spec!r}")
-        item, volume = int(row[0]), 1
+        volume = 1
+        number = _NextItemNo(f"next_{column}", (fonds, str(spec["class"]), year))
+        n = sql.SQL("{}.n").format(sql.Identifier(number.alias))
+        prefix = archival_code_prefix(fonds, str(spec["class"]), year, str(spec["retention"]), volume)
         result: dict[str, Any] = {
-            column: archival_code(fonds, str(spec["class"]), year, str(spec["retention"]), volume, item)
+            column: _Computed(("code", number.alias), sql.SQL(_CODE_SQL).format(n), (prefix,), number)
         }
         if "item_no" in table.columns:
-            result["item_no"] = item
+            result["item_no"] = _Computed(("item", number.alias), n, (), number)
         if "volume_no" in table.columns:
             result["volume_no"] = volume
         return result
@@ -867,6 +962,8 @@ class Applier:
         ident = sql.Identifier(column)
         if value is None:
             return sql.SQL("{} IS NULL").format(ident)
+        if isinstance(value, _Computed):
+            return sql.SQL("{} = {}").format(ident, value.text)
         cast = sql.SQL("%s::{}").format(sql.SQL(table.type_of(column)))
         if not isinstance(value, _InList):
             return sql.SQL("{} = {}").format(ident, cast)
@@ -885,6 +982,8 @@ class Applier:
         for v in match.values():
             if isinstance(v, _InList):
                 yield from (x for x in v.values if x is not None)
+            elif isinstance(v, _Computed):
+                yield from v.params
             elif v is not None:
                 yield v
 
@@ -895,20 +994,23 @@ class Applier:
 
         def build() -> sql.Composable:
             select: list[sql.Composable] = [sql.SQL("1")]
-            for col in plain:
-                ctype = table.type_of(col)
+            for col, value in plain.items():
                 ident = sql.Identifier(col)
-                if ctype == "json":  # json has no equality operator
-                    select.append(sql.SQL("{0}, {0}::jsonb IS DISTINCT FROM %s::jsonb").format(ident))
+                if table.type_of(col) == "json":  # json has no equality operator
+                    select.append(
+                        sql.SQL("{0}, {0}::jsonb IS DISTINCT FROM ({1})::jsonb").format(
+                            ident, _value_sql(table, col, value)
+                        )
+                    )
                 else:
-                    select.append(sql.SQL("{0}, {0} IS DISTINCT FROM %s::{1}").format(ident, sql.SQL(ctype)))
+                    select.append(sql.SQL("{0}, {0} IS DISTINCT FROM {1}").format(ident, _value_sql(table, col, value)))
             select.extend(sql.Identifier(c) for c in read_only)
             return sql.SQL("SELECT {} FROM {} WHERE {} FOR UPDATE").format(
                 sql.SQL(", ").join(select), table.ident, self._where(table, match)
             )
 
-        query = self._cached(("current", table.name, tuple(plain), tuple(read_only), _shape(match)), build)
-        rows = self.conn.execute(query, [*plain.values(), *self._where_params(match)]).fetchall()
+        query = self._cached(("current", table.name, _value_shape(plain), tuple(read_only), _shape(match)), build)
+        rows = self.conn.execute(query, [*_value_params(plain.values()), *self._where_params(match)]).fetchall()
         out: list[tuple[dict[str, Any], dict[str, bool]]] = []
         for r in rows:
             values: dict[str, Any] = {}
@@ -1039,11 +1141,19 @@ def echo_changes(result: ApplyResult, system: str, origin: str) -> list[Change]:
 
 
 def _shape(match: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What the WHERE clause of ``match`` looks like (columns, NULLs, IN-list sizes): the SQL cache key."""
-    return tuple(
-        (c, None if v is None else (len(v.values), None in v.values) if isinstance(v, _InList) else 1)
-        for c, v in match.items()
-    )
+    """What the WHERE clause of ``match`` looks like (columns, NULLs, IN-list sizes, computed values):
+    the SQL cache key."""
+    return tuple((c, _value_key(v)) for c, v in match.items())
+
+
+def _value_key(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, _InList):
+        return (len(value.values), None in value.values)
+    if isinstance(value, _Computed):
+        return value.shape
+    return 1
 
 
 def _is_special(value: Any, key: str) -> bool:

@@ -448,10 +448,20 @@ def test_lookup_parent_in_same_batch_and_missing_parent(
     orphan = cmds(
         "public.arc_file", "upsert", {"item_id": orphan_lookup, "seq": 1}, {"file_name": "x.pdf", "sha256": sha}, lsn=3
     )
-    result = applier.apply_batch([parent, child, event, orphan])
-    assert result.applied == 3
-    assert len(result.failed) == 1 and result.failed[0][0] is orphan
+    # the lookup is made by the statements that write the row: an ambiguous one fails, named
+    sibling = item_cmd(cmds, items, 2, lsn=4)
+    ambiguous_lookup = {
+        "$lookup": {"table": "public.arc_item", "column": "id", "where": {"source_system": "oa", "fonds_code": items}}
+    }
+    ambiguous = cmds(
+        "public.arc_file", "upsert", {"item_id": ambiguous_lookup, "seq": 2}, {"file_name": "y.pdf"}, lsn=5
+    )
+    result = applier.apply_batch([parent, child, event, orphan, sibling, ambiguous])
+    assert result.applied == 4
+    assert [cmd for cmd, _ in result.failed] == [orphan, ambiguous]
     assert "found no row (parent not applied yet?)" in result.failed[0][1]
+    assert "$lookup public.arc_item.id where" in result.failed[1][1]
+    assert "matches more than one row" in result.failed[1][1]
     (item_id,) = archive.execute("SELECT id FROM arc_item WHERE source_ref = %s", (f"{items}-1",)).fetchone() or (0,)
     assert rows(archive, "SELECT item_id, file_name, content FROM arc_file WHERE item_id = %s", item_id) == [
         (item_id, "voucher.pdf", b"%PDF")

@@ -229,9 +229,10 @@ class _NextItemNo:
     alias: str
     params: tuple[Any, ...]  # fonds, class, year
 
-    def from_item(self) -> sql.Composable:
-        return sql.SQL("(SELECT arc_next_item_no(%s::text, %s::text, %s::integer) AS n) {}").format(
-            sql.Identifier(self.alias)
+    def from_item(self, when: sql.Composable | None = None) -> sql.Composable:
+        """The FROM item; with ``when``, a number is drawn only if that holds (else no row)."""
+        return sql.SQL("(SELECT arc_next_item_no(%s::text, %s::text, %s::integer) AS n{}) {}").format(
+            sql.SQL(" WHERE {}").format(when) if when is not None else sql.SQL(""), sql.Identifier(self.alias)
         )
 
 
@@ -252,6 +253,42 @@ def _value_sql(table: TargetTable, column: str, value: Any) -> sql.Composable:
     if isinstance(value, _Computed):
         return value.text
     return sql.SQL("%s::{}").format(sql.SQL(table.type_of(column)))
+
+
+def _differs(table: TargetTable, column: str, value: Any) -> sql.Composable:
+    """Is the incoming ``value`` different from the column's current value?"""
+    if table.type_of(column) == "json":  # json has no equality operator
+        return sql.SQL("{0}::jsonb IS DISTINCT FROM ({1})::jsonb").format(
+            sql.Identifier(column), _value_sql(table, column, value)
+        )
+    return sql.SQL("{} IS DISTINCT FROM {}").format(sql.Identifier(column), _value_sql(table, column, value))
+
+
+class _WrittenInOne:
+    """What a write made in one statement (:meth:`Applier._write_in_one`) did: rows updated, rows
+    inserted, read from its result once (in pipeline mode, when the batch is synced)."""
+
+    __slots__ = ("_counts", "cur")
+
+    def __init__(self, cur: psycopg.Cursor[Any]) -> None:
+        self.cur = cur
+        self._counts: tuple[int, int] | None = None
+
+    def counts(self) -> tuple[int, int]:
+        if self._counts is None:
+            row = self.cur.fetchone()
+            self._counts = (int(row[0]), int(row[1])) if row else (0, 0)
+        return self._counts
+
+    @property
+    def rows(self) -> int:
+        return sum(self.counts())
+
+    @property
+    def op(self) -> str | None:
+        """``c`` (inserted), ``u`` (updated) or None (nothing changed)."""
+        updated, inserted = self.counts()
+        return "c" if inserted else "u" if updated else None
 
 
 def _value_params(values: Iterable[Any]) -> list[Any]:
@@ -350,8 +387,11 @@ class Applier:
         # per batch (see _run_batch): fast path on, its guard cache and pending guard rows
         self._fast = False
         self._written: list[psycopg.Cursor[Any]] = []
+        self._written_in_one: list[_WrittenInOne] = []
         # fast path: echo reads sent in the pipeline, their rows fetched once the batch is written
-        self._pending_echoes: list[tuple[ApplyCommand, TargetTable, str, psycopg.Cursor[Any], ApplyResult]] = []
+        self._pending_echoes: list[
+            tuple[ApplyCommand, TargetTable, str | _WrittenInOne, psycopg.Cursor[Any], ApplyResult]
+        ] = []
         self._batch_guards: dict[tuple[str, str], dict[str, _Guard]] = {}
         self._pending_guards: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         self._keys: dict[int, str] = {}  # id(command) → its guard key, for the batch being applied
@@ -517,6 +557,7 @@ class Applier:
         )
         self._fast = fast
         self._written = []
+        self._written_in_one = []
         self._pending_guards = {}
         try:
             with self.conn.pipeline() if fast else nullcontext(), self.conn.transaction():
@@ -545,9 +586,11 @@ class Applier:
                     result.echo_ts_ms = int(row[2]) if row else None
             if fast:
                 result.rows_affected += sum(max(cur.rowcount, 0) for cur in self._written)
+                result.rows_affected += sum(w.rows for w in self._written_in_one)
         finally:
             self._fast = False
             self._written = []
+            self._written_in_one = []
             self._pending_echoes = []
             self._batch_guards = {}
             self._pending_guards = {}
@@ -661,6 +704,9 @@ class Applier:
                 allocations[col] = spec
             else:
                 plain[col] = self._param(value, table, col)
+        if not (rejected or allocations or others):
+            self._write_in_one(cmd, table, match, plain, init, insert=insert, out=out)
+            return
         rows = self._current(table, match, plain, [*rejected, *allocations])
         first = rows[0][0] if rows else {}
 
@@ -728,6 +774,85 @@ class Applier:
             if cmd.echo:
                 self._echo(cmd, table, "c", match, out)
             out.rows_affected += 1
+
+    def _write_in_one(
+        self,
+        cmd: ApplyCommand,
+        table: TargetTable,
+        match: dict[str, Any],
+        plain: dict[str, Any],
+        init: dict[str, Any],
+        *,
+        insert: bool,
+        out: ApplyResult,
+    ) -> None:
+        """A write that needs no current values (no column refused, no number drawn for a row that
+        may exist, no other system's write to weigh) in ONE statement, nothing read first: it
+        updates the matched rows in which a value differs (no change: no UPDATE, no version bump,
+        no echo) and, for an upsert, inserts the row when none matches, with its ``init`` values
+        (numbers are drawn only then: gap-free). The fast path sends it without waiting."""
+        if not plain and not insert:
+            return
+        row = {**match, **plain}
+        if insert:
+            for col, value in init.items():
+                row.update(self._init_value(table, col, value))
+        sources = _sources(row.values()) if insert else []
+
+        def build() -> sql.Composable:
+            where = self._where(table, match)
+            ctes: list[sql.Composable] = []
+            if plain:
+                ctes.append(
+                    sql.SQL("upd AS (UPDATE {} SET {} WHERE {} AND ({}) RETURNING 1)").format(
+                        table.ident,
+                        sql.SQL(", ").join(
+                            sql.SQL("{} = {}").format(sql.Identifier(c), _value_sql(table, c, v))
+                            for c, v in plain.items()
+                        ),
+                        where,
+                        sql.SQL(" OR ").join(_differs(table, c, v) for c, v in plain.items()),
+                    )
+                )
+            if insert:
+                absent = sql.SQL("NOT EXISTS (SELECT 1 FROM {} WHERE {})").format(table.ident, where)
+                values = sql.SQL(", ").join(_value_sql(table, c, v) for c, v in row.items())
+                ctes.append(
+                    sql.SQL("ins AS (INSERT INTO {} ({}) SELECT {} {} RETURNING 1)").format(
+                        table.ident,
+                        sql.SQL(", ").join(sql.Identifier(c) for c in row),
+                        values,
+                        sql.SQL("FROM {}").format(sql.SQL(", ").join(s.from_item(absent) for s in sources))
+                        if sources
+                        else sql.SQL("WHERE {}").format(absent),
+                    )
+                )
+            return sql.SQL("WITH {} SELECT {}, {}").format(
+                sql.SQL(", ").join(ctes),
+                sql.SQL("(SELECT count(*) FROM upd)" if plain else "0"),
+                sql.SQL("(SELECT count(*) FROM ins)" if insert else "0"),
+            )
+
+        key = ("in_one", table.name, _value_shape(plain), _value_shape(row) if insert else None, _shape(match))
+        query = self._cached(key, build)
+        where_params = list(self._where_params(match))
+        params: list[Any] = []
+        if plain:
+            values = _value_params(plain.values())
+            params += [*values, *where_params, *values]
+        if insert:
+            params += _value_params(row.values())
+            for source in sources:  # each draws its number only when no row matches
+                params += [*source.params, *where_params]
+            if not sources:
+                params += where_params
+        written = _WrittenInOne(self.conn.execute(query, params))
+        if self._fast:
+            self._written_in_one.append(written)
+        else:
+            out.rows_affected += written.rows
+        if cmd.echo:
+            self._echo(cmd, table, written, match, out)
 
     def _insert_once(self, cmd: ApplyCommand, table: TargetTable, out: ApplyResult) -> None:
         first = self.conn.execute(
@@ -805,8 +930,11 @@ class Applier:
         query = self._cached(("insert", table.name, _value_shape(row)), build)
         self.conn.execute(query, [*_value_params(row.values()), *(p for s in sources for p in s.params)])
 
-    def _echo(self, cmd: ApplyCommand, table: TargetTable, op: str, match: dict[str, Any], out: ApplyResult) -> None:
-        """Read back the row ``cmd`` wrote (for ``echo`` commands) into ``out.echoes``."""
+    def _echo(
+        self, cmd: ApplyCommand, table: TargetTable, op: str | _WrittenInOne, match: dict[str, Any], out: ApplyResult
+    ) -> None:
+        """Read back the row ``cmd`` wrote (for ``echo`` commands) into ``out.echoes``; ``op`` may
+        be the write's outcome, known once its result is read (no echo when it changed nothing)."""
         if not table.primary_key:
             raise CommandError(f"echo needs a primary key on {table.name}")
         query = self._cached(
@@ -826,8 +954,14 @@ class Applier:
             self._read_echo(cmd, table, op, cur, out)
 
     @staticmethod
-    def _read_echo(cmd: ApplyCommand, table: TargetTable, op: str, cur: psycopg.Cursor[Any], out: ApplyResult) -> None:
+    def _read_echo(
+        cmd: ApplyCommand, table: TargetTable, op: str | _WrittenInOne, cur: psycopg.Cursor[Any], out: ApplyResult
+    ) -> None:
         found = cur.fetchall()  # first: in pipeline mode the description comes with the results
+        if isinstance(op, _WrittenInOne):
+            if op.op is None:
+                return
+            op = op.op
         names = [d.name for d in cur.description or ()]
         for values in found:
             row = {n: to_jsonable(v) for n, v in zip(names, values, strict=True)}
@@ -995,15 +1129,7 @@ class Applier:
         def build() -> sql.Composable:
             select: list[sql.Composable] = [sql.SQL("1")]
             for col, value in plain.items():
-                ident = sql.Identifier(col)
-                if table.type_of(col) == "json":  # json has no equality operator
-                    select.append(
-                        sql.SQL("{0}, {0}::jsonb IS DISTINCT FROM ({1})::jsonb").format(
-                            ident, _value_sql(table, col, value)
-                        )
-                    )
-                else:
-                    select.append(sql.SQL("{0}, {0} IS DISTINCT FROM {1}").format(ident, _value_sql(table, col, value)))
+                select.append(sql.SQL("{}, {}").format(sql.Identifier(col), _differs(table, col, value)))
             select.extend(sql.Identifier(c) for c in read_only)
             return sql.SQL("SELECT {} FROM {} WHERE {} FOR UPDATE").format(
                 sql.SQL(", ").join(select), table.ident, self._where(table, match)

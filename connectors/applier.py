@@ -30,6 +30,15 @@ the row is inserted (``v`` may be a ``$lookup`` or ``$allocate``, resolved only 
 subject to ownership; ``{"$in": [v, ...]}`` in the ``match`` of an update/delete matches the rows
 whose column is one of the values (the guard key keeps the list as given).
 
+Round trips: a ``$lookup`` is a subquery of the statement that uses it (``archsync_one``, created
+with the guard table, raises unless exactly one row matches) and an ``$allocate`` draws its number
+in the statement that writes the code (``arc_next_item_no`` as a FROM item). A write that needs no
+current values (no column refused by ownership, no other system's write to weigh, no number for a
+row that may already exist) is ONE statement — update the matched rows where a value differs, or
+insert the missing row — so on the fast path (pipeline mode) a batch waits for the server only for
+its guard rows and its echoes: 2026-11-28, ``bench_applier`` 1,660–1,791 commands/s against
+726–944 with a read before each write and a round trip per lookup and code (in turns).
+
 PostgreSQL 15 lets one session at a time use a replication origin: one Applier per origin.
 """
 

@@ -15,7 +15,8 @@ status → APPROVED), which the pipeline turns into an archive item and its file
 4. sweep: steady phases of ``BENCH_SWEEP_SECONDS`` (default 20) at each of ``BENCH_SWEEP_RATES``
    (default 150,200,250,300,400 row changes/s; audit in the worker, a fresh pipeline each): the
    latency percentiles per rate and the highest rate whose p99 stays under 500 ms.
-Peak RSS of the worker process and CPU seconds per row change from /proc.
+Peak RSS of the worker process and CPU seconds per row change from /proc; the PSS of the worker
+with its child processes (shared library pages counted once) after the first burst.
 Results: benchmarks/results/pipeline.json.
 """
 
@@ -74,6 +75,19 @@ def rss_peak(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except OSError:
+        pass
+    return 0
+
+
+def pss_now(pid: int) -> int:
+    """A process's proportional set size in bytes (0 when unknown): its private pages plus its
+    share of the pages it shares, such as the libraries the worker and its applier processes all
+    map (RSS counts those in full in each of them)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
         pass
     return 0
 
@@ -258,6 +272,7 @@ def main() -> dict[str, object]:
     runs: dict[str, list[dict[str, float]]] = {}
     worker_rss = 0
     apply_rss: list[int] = []
+    tree_pss = 0
     modes = [m for m in os.environ.get("BENCH_AUDIT_MODES", ",".join(AUDIT_MODES)).split(",") if m in AUDIT_MODES]
     if "in-worker" not in modes:
         raise SystemExit("BENCH_AUDIT_MODES must include in-worker (the steady phase runs there)")
@@ -276,7 +291,9 @@ def main() -> dict[str, object]:
                 if steady:
                     assert p.worker is not None
                     worker_rss = rss_peak(p.worker.pid)
-                    apply_rss = [rss_peak(pid) for pid in worker_children(p.worker.pid)]  # the applier processes
+                    children = worker_children(p.worker.pid)  # the applier processes, the resource tracker
+                    apply_rss = [rss_peak(pid) for pid in children]
+                    tree_pss = sum(pss_now(pid) for pid in [p.worker.pid, *children])
             finally:
                 cleanup(p, unique)
     result.update(sweep(settings))
@@ -307,6 +324,8 @@ def main() -> dict[str, object]:
             "capture_cpu_ms_per_row_change": round(avg("in-worker", "capture_cpu_ms"), 3),
             "worker_peak_rss_mib": round(worker_rss / 2**20, 1),
             "applier_processes_peak_rss_mib": [round(r / 2**20, 1) for r in apply_rss],
+            # after the burst (PSS has no peak); the worker's RSS stays near its peak by then
+            "worker_and_children_pss_mib": round(tree_pss / 2**20, 1),
             "note": "row change = OA row change that flows; each form also produces archive and OA write-backs;"
             " worker CPU includes its applier processes",
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},

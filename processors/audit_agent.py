@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import faust
@@ -263,6 +263,34 @@ def apply_facts(commands: list[ApplyCommand], result: Any, now_ms: int) -> list[
     return facts
 
 
+class ChainGauges:
+    """``archsync_audit_chains`` / ``archsync_audit_chain_length`` (the chains this worker holds and
+    their events) without reading every chain head each time: the heads are counted when this
+    worker's partitions change (start, rebalance), then the counts follow the appends. Reading
+    every head every 30 s stalled the event loop and held them all in memory at once (measured
+    with 2 KB heads: 0.47 s and +191 MiB at 27,000 chains, 4.4 s and +1.4 GiB at 200,000)."""
+
+    def __init__(self) -> None:
+        self.chains = 0
+        self.length = 0
+        self._assignment: frozenset[int] | None = None
+
+    def appended(self, *, new_chain: bool, records: int) -> None:
+        self.chains += new_chain
+        self.length += records
+
+    def publish(self, assignment: frozenset[int], heads: Callable[[], Iterable[bytes | None]]) -> None:
+        """Set the gauges; count the ``heads`` first when ``assignment`` (partitions) changed."""
+        if assignment != self._assignment:
+            self._assignment = assignment
+            self.chains = self.length = 0
+            for head in heads():
+                if head:
+                    self.appended(new_chain=True, records=int(orjson.loads(head).get("seq", 0)))
+        metrics.AUDIT_CHAINS.set(self.chains)
+        metrics.AUDIT_CHAIN_LENGTH.set(self.length)
+
+
 def register_audit(app: faust.App, topology: Topology, settings: Any, *, agent: bool = True) -> AuditHooks:
     """Register the audit agent (and its chain table) on the app; return the hooks for the agents.
     With ``agent=False`` only the hooks (facts are chained by a separate ``--role audit`` worker)."""
@@ -295,6 +323,7 @@ def register_audit(app: faust.App, topology: Topology, settings: Any, *, agent: 
     if isinstance(app, WorkerApp):  # a chain head is never ahead of the audit records it chains
         app.defer_changelog(chains)
     key = audit.audit_key()
+    gauges = ChainGauges()
 
     @app.agent(facts_topic, name="audit")
     async def audit_agent(stream: faust.StreamT) -> None:
@@ -330,6 +359,7 @@ def register_audit(app: faust.App, topology: Topology, settings: Any, *, agent: 
                 table_key = kept(orjson.dumps(aggregate))
                 stored = chains.get(table_key)
                 state = audit.ChainState.from_dict(orjson.loads(stored) if stored else None)
+                seq = state.seq
                 for one in aggregate_facts:
                     record, data, replayed = audit.append_encoded(state, one, key)
                     await log_topic.send(
@@ -338,12 +368,14 @@ def register_audit(app: faust.App, topology: Topology, settings: Any, *, agent: 
                     if not replayed:
                         metrics.child(metrics.AUDIT_EVENTS, record["kind"]).inc()
                 chains[table_key] = kept(orjson.dumps(state.to_dict()))
+                gauges.appended(new_chain=not stored, records=state.seq - seq)
 
-    @app.timer(30.0)  # reads every chain head this worker holds: not too often
+    @app.timer(10.0)
     async def audit_gauges() -> None:
-        values = [orjson.loads(v) for v in chains.values() if v]
-        metrics.AUDIT_CHAINS.set(len(values))
-        metrics.AUDIT_CHAIN_LENGTH.set(sum(int(v.get("seq", 0)) for v in values))
+        if app.rebalancing or getattr(app, "in_recovery", False):
+            return  # the table is not complete yet: count it once it is
+        assignment = frozenset(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == names["facts"])
+        gauges.publish(assignment, chains.values)
 
     if cfg.fixity_interval_seconds > 0:
 

@@ -191,18 +191,31 @@ class DiskStore(SerializedStore[Any, Any]):
         return int(self._db.execute("SELECT count(*) FROM kv").fetchone()[0])
 
     def _iterkeys(self) -> Iterator[bytes]:
-        self.flush()
-        for (key,) in self._db.execute("SELECT key FROM kv").fetchall():
-            yield bytes(key)
+        for key, _ in self._iteritems():
+            yield key
 
     def _itervalues(self) -> Iterator[bytes | None]:
         for _, value in self._iteritems():
             yield value
 
+    ITER_CHUNK = 1000
+
     def _iteritems(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every key and value, read ITER_CHUNK rows at a time in key order (memory bounded: all
+        of a big table at once held hundreds of MB); each a statement of its own, so the table
+        may change between chunks (a key written meanwhile may come with its new value or not)."""
         self.flush()
-        for key, value in self._db.execute("SELECT key, value FROM kv").fetchall():
-            yield bytes(key), bytes(value)
+        last = b""
+        while True:
+            rows = self._db.execute(
+                "SELECT key, value FROM kv WHERE key > ? ORDER BY key LIMIT ?", (last, self.ITER_CHUNK)
+            ).fetchall()
+            for key, value in rows:
+                hot = self._hot.get(key)
+                yield bytes(key), bytes(hot[1] if hot is not None else value)
+            if len(rows) < self.ITER_CHUNK:
+                return
+            last = rows[-1][0]
 
     def _clear(self) -> None:
         self._hot.clear()

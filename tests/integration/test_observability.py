@@ -222,6 +222,13 @@ def test_metrics_endpoints_serve_and_move_with_work(observed: Observed) -> None:
     p.wait_for(
         lambda: total(scrape(observed.worker_port), "archsync_consumer_lag", group=group) == 0, 30, "lag to drain"
     )
+    # the audit chains this worker holds (counted once, then kept up as they grow: every 10 s)
+    p.wait_for(
+        lambda: 0 < total(scrape(observed.worker_port), "archsync_audit_chains")
+        < total(scrape(observed.worker_port), "archsync_audit_chain_length"),
+        30,
+        "the audit chain gauges",
+    )
     w = scrape(observed.worker_port)
     assert total(w, "archsync_last_progress_timestamp_seconds", role="worker") > time.time() - 10
     assert series(w, "archsync_worker_rebalancing") and total(w, "archsync_worker_rebalancing") == 0  # ready

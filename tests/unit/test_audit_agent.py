@@ -7,10 +7,12 @@ from types import SimpleNamespace
 
 import yaml
 
+from archsync import metrics
 from archsync.audit_cli import parse_ts, to_csv, to_xml
 from archsync.settings import Settings
 from processors import audit
 from processors.audit_agent import (
+    ChainGauges,
     apply_facts,
     audit_topic_specs,
     audit_topics,
@@ -124,3 +126,23 @@ def test_facts_are_sent_one_message_per_partition_in_order() -> None:
             assert ns == sorted(ns)
     [(key, items)] = group_by_partition([{"aggregate": "form:1", "n": 0}], 3).values()
     assert key == b"form:1" and len(items) == 1
+
+
+def test_chain_gauges_count_the_heads_once_per_assignment_then_follow_the_appends() -> None:
+    heads = [b'{"seq":3,"hash":"a","recent":{}}', b'{"seq":5,"hash":"b","recent":{}}', None]
+    reads: list[int] = []
+
+    def read() -> list[bytes | None]:
+        reads.append(1)
+        return heads
+
+    gauges = ChainGauges()
+    gauges.publish(frozenset({0, 1}), read)
+    assert (gauges.chains, gauges.length, len(reads)) == (2, 8, 1)
+    gauges.appended(new_chain=True, records=2)  # a new chain of two events
+    gauges.appended(new_chain=False, records=1)  # one more event on a chain held
+    gauges.publish(frozenset({0, 1}), read)  # same partitions: the heads are not read again
+    assert (gauges.chains, gauges.length, len(reads)) == (3, 11, 1)
+    assert metrics.AUDIT_CHAINS._value.get() == 3 and metrics.AUDIT_CHAIN_LENGTH._value.get() == 11
+    gauges.publish(frozenset({1}), read)  # a rebalance: counted again from the table
+    assert (gauges.chains, gauges.length, len(reads)) == (2, 8, 2)

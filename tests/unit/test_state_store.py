@@ -80,3 +80,16 @@ def test_recovery_last_record_of_a_key_wins_and_inactive_partitions_go(tmp_path:
     asyncio.run(store.on_recovery_completed({TP("x-changelog", 0)}, set()))
     assert store[b"a"] == b"2" and b"b" not in store
     assert store.persisted_offset(TP("x-changelog", 0)) is None  # always rebuilt from the changelog
+
+
+def test_iteration_goes_through_a_big_table_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = new_store(tmp_path, budget=8 * 1024)
+    monkeypatch.setattr(DiskStore, "ITER_CHUNK", 7)
+    for i in range(50):
+        store[b"k%02d" % i] = b"v%d" % i
+    store[b"k03"] = b"hot"  # a value only the hot cache has until the iteration flushes it
+    items = list(store.items())
+    assert [k for k, _ in items] == [b"k%02d" % i for i in range(50)]  # each key once, in order
+    assert dict(items)[b"k03"] == b"hot" and dict(items)[b"k49"] == b"v49"
+    assert list(store.keys()) == [k for k, _ in items]
+    assert len(list(store.values())) == 50

@@ -16,7 +16,9 @@ status → APPROVED), which the pipeline turns into an archive item and its file
    (default 150,200,250,300,400 row changes/s; audit in the worker, a fresh pipeline each): the
    latency percentiles per rate and the highest rate whose p99 stays under 500 ms.
 Peak RSS of the worker process and CPU seconds per row change from /proc; the PSS of the worker
-with its child processes (shared library pages counted once) after the first burst.
+with its child processes (shared library pages counted once) after the first burst. Each phase
+also records the machine's steal time (/proc/stat): the share of the CPU the hypervisor gave to
+other guests, which makes this VM's runs differ by up to 2x with the same code.
 Results: benchmarks/results/pipeline.json.
 """
 
@@ -92,6 +94,22 @@ def pss_now(pid: int) -> int:
     return 0
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time counters (/proc/stat ``cpu`` line: user … steal), in clock ticks."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return [0] * 8
+
+
+def steal_percent(before: list[int], after: list[int]) -> float:
+    """The share of the machine's time its hypervisor gave to other guests between two
+    :func:`cpu_times` (this VM's speed changes with it: the same code ran at half speed with 50%)."""
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(delta)
+    return round(100 * delta[7] / total, 1) if total > 0 else 0.0
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used (from /proc; 0 when unknown)."""
     try:
@@ -143,6 +161,7 @@ def steady_phase(p: Pipeline, tag: str, rate: int, seconds: float) -> dict[str, 
     progress(f"steady phase: {rate} row changes/s ({forms_per_tick:g} forms every 100 ms) for {seconds:.0f} s")
     written = 0
     owed = 0.0
+    machine0 = cpu_times()
     stop_at = time.monotonic() + seconds
     next_tick = time.monotonic()
     while time.monotonic() < stop_at:
@@ -156,6 +175,7 @@ def steady_phase(p: Pipeline, tag: str, rate: int, seconds: float) -> dict[str, 
         time.sleep(max(0.0, next_tick - time.monotonic()))
     actual_rate = written * CHANGES_PER_FORM / seconds
     p.wait_for(lambda: items_done(p, tag) >= written, 600, "the steady phase to drain")
+    steal = steal_percent(machine0, cpu_times())
     lat = [
         float(r[0])
         for r in p.sql(
@@ -177,12 +197,15 @@ def steady_phase(p: Pipeline, tag: str, rate: int, seconds: float) -> dict[str, 
     def pct(q: float) -> float:
         return round(latencies[min(len(latencies) - 1, round(q / 100 * (len(latencies) - 1)))] * 1000, 1)
 
-    progress(f"steady: p50 {pct(50)} ms, p95 {pct(95)} ms, p99 {pct(99)} ms over {len(latencies)} forms")
+    progress(
+        f"steady: p50 {pct(50)} ms, p95 {pct(95)} ms, p99 {pct(99)} ms over {len(latencies)} forms (steal {steal}%)"
+    )
     return {
         "steady_target_rate": rate,
         "steady_actual_rate": round(actual_rate),
         "steady_forms": len(latencies),
         "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99), "max": round(latencies[-1] * 1000, 1)},
+        "steal_percent": steal,
     }
 
 
@@ -192,6 +215,7 @@ def capacity_phase(p: Pipeline, tag: str, start: int, burst: int) -> dict[str, f
     progress(f"capacity phase: {burst} forms ({burst * CHANGES_PER_FORM} row changes) at once")
     base = items_done(p, tag)
     worker_cpu0, own_cpu0 = sum(map(cpu_seconds, worker_pids(p))), cpu_seconds(os.getpid())
+    machine0 = cpu_times()
     started = time.monotonic()
     chunk = 500
     for i in range(0, burst, chunk):
@@ -209,7 +233,11 @@ def capacity_phase(p: Pipeline, tag: str, start: int, burst: int) -> dict[str, f
     worker_cpu = sum(map(cpu_seconds, worker_pids(p))) - worker_cpu0
     capture_cpu = cpu_seconds(os.getpid()) - own_cpu0  # both captures run in this process
     capacity = burst * CHANGES_PER_FORM / drain
-    progress(f"capacity: {capacity:,.0f} row changes/s (written in {done_writing:.1f} s, drained in {drain:.1f} s)")
+    steal = steal_percent(machine0, cpu_times())
+    progress(
+        f"capacity: {capacity:,.0f} row changes/s (written in {done_writing:.1f} s, drained in {drain:.1f} s;"
+        f" steal {steal}%)"
+    )
     progress(f"CPU: worker {worker_cpu:.1f} s, captures + writer {capture_cpu:.1f} s")
     return {
         "capacity": capacity,
@@ -217,6 +245,7 @@ def capacity_phase(p: Pipeline, tag: str, start: int, burst: int) -> dict[str, f
         # CPU per row change: what bounds the rate on a machine whose cores are all busy
         "worker_cpu_ms": worker_cpu * 1000 / (burst * CHANGES_PER_FORM),
         "capture_cpu_ms": capture_cpu * 1000 / (burst * CHANGES_PER_FORM),
+        "steal_percent": steal,
     }
 
 
@@ -239,7 +268,11 @@ def sweep(settings: Any) -> dict[str, object]:
             cleanup(p, unique)
         latency = steady["latency_ms"]
         assert isinstance(latency, dict)
-        by_rate[str(rate)] = {"actual_rate": steady["steady_actual_rate"], **latency}
+        by_rate[str(rate)] = {
+            "actual_rate": steady["steady_actual_rate"],
+            **latency,
+            "steal_percent": steady["steal_percent"],
+        }
         if latency["p99"] < P99_TARGET_MS:
             best = max(best, int(steady["steady_actual_rate"]))  # type: ignore[call-overload]
     return {"sweep_latency_ms_by_rate": by_rate, "highest_rate_with_p99_under_500ms": best}
@@ -285,7 +318,9 @@ def main() -> dict[str, object]:
                 start = 0
                 steady = audit == "in-worker" and round_no == 0
                 if steady:
-                    result.update(steady_phase(p, unique, rate, seconds))
+                    first = steady_phase(p, unique, rate, seconds)
+                    first["steady_steal_percent"] = first.pop("steal_percent")
+                    result.update(first)
                     start = int(result["steady_forms"])  # type: ignore[call-overload]
                 runs.setdefault(audit, []).append(capacity_phase(p, unique, start, burst))
                 if steady:
@@ -318,6 +353,8 @@ def main() -> dict[str, object]:
             "capacity_audit_worker_apart_row_changes_per_second": round(avg("separate", "capacity")),
             "audit_cost_percent_audit_worker_apart": round(cost("separate"), 1),
             "capacity_per_round": {m: [round(r["capacity"]) for r in rs] for m, rs in runs.items()},
+            # the hypervisor's share of the machine during each round: the runs' noise
+            "steal_percent_per_round": {m: [r["steal_percent"] for r in rs] for m, rs in runs.items()},
             "pipeline_worker_cpu_ms_per_row_change_audit_worker_apart": round(avg("separate", "worker_cpu_ms"), 3),
             "worker_cpu_ms_per_row_change": round(avg("in-worker", "worker_cpu_ms"), 3),
             "worker_cpu_ms_per_row_change_without_audit": round(avg("off", "worker_cpu_ms"), 3),

@@ -47,7 +47,7 @@ def form_commands(topology: Any, tag: str, n: int) -> list[ApplyCommand]:
         "fiscal_year": 2026,
         "fiscal_month": 11,
         "created_at": "2026-11-01T07:00:00+00:00",
-        "fonds_code": f"BA{tag[:4]}",
+        "fonds_code": f"BA{tag}",  # the whole tag: an earlier run's numbering is never shared
         "title": "bench",
         "applicant": "ann",
         "amount": "100.25",
@@ -114,6 +114,7 @@ def main() -> dict[str, object]:
             conn.execute("DELETE FROM arc_file WHERE item_id IN (SELECT id FROM arc_item WHERE source_ref LIKE %s)",
                          (like,))
             conn.execute("DELETE FROM arc_item WHERE source_ref LIKE %s", (like,))
+            conn.execute("DELETE FROM arc_code_sequence WHERE fonds_code = %s", (f"BA{tag}",))
             conn.execute("DELETE FROM archsync_apply_guard WHERE target_key LIKE %s", (f'%{tag}%',))
             conn.execute("SELECT pg_replication_origin_drop(%s)", (origin,))
 

@@ -51,7 +51,9 @@ def progress(msg: str) -> None:
 def write_forms(p: Pipeline, tag: str, start: int, count: int) -> None:
     """``count`` form lifecycles in two transactions (submit with attachment and trail; approve).
     Each block of 9,000 forms has a fonds of its own: item numbers have four digits per
-    fonds/class/year (more would be refused by the archive, rightly)."""
+    fonds/class/year (more would be refused by the archive, rightly). The fonds carries the whole
+    run tag: with only its first 4 hex digits, a run shared the numbering of an earlier run with
+    the same digits (their numbers are never given back) and ran past 9,999 (seen twice in 28 runs)."""
     nos = [f"B-{tag}-{i:07d}" for i in range(start, start + count)]
     p.sql(
         "oa",
@@ -60,7 +62,7 @@ def write_forms(p: Pipeline, tag: str, start: int, count: int) -> None:
         " RETURNING id, form_no), a AS (INSERT INTO oa_attachment (form_id, kind, file_name, size_bytes, sha256)"
         " SELECT id, 'EINVOICE_XML', 'inv.xml', 64, encode(sha256(form_no::bytea), 'hex') FROM f)"
         " INSERT INTO oa_approval_record (form_id, approver, node, action) SELECT id, 'bench', 'x', 'APPROVE' FROM f",
-        (f"BF{tag[:4]}{start // 9000}", nos),
+        (f"BF{tag}-{start // 9000}", nos),
     )
     p.sql(
         "oa", "UPDATE oa_form SET status = 'APPROVED', approved_at = clock_timestamp() WHERE form_no = ANY(%s)", (nos,)
@@ -287,6 +289,7 @@ def cleanup(p: Pipeline, tag: str) -> None:
         (f"B-{tag}-%",),
     )
     p.sql("archive", "DELETE FROM arc_item WHERE source_ref LIKE %s", (f"B-{tag}-%",))
+    p.sql("archive", "DELETE FROM arc_code_sequence WHERE fonds_code LIKE %s", (f"BF{tag}-%",))
 
 
 def mean(values: list[float]) -> float:

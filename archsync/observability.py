@@ -17,12 +17,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
 from archsync import metrics
 from archsync.settings import Settings
-from connectors.kafka_admin import admin_client
+from connectors.kafka_admin import RDKAFKA_LOG, admin_client
 from topology.model import Topology
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,20 @@ class PartitionLag:
 
 
 class OffsetReader:
-    """Batched offset reads with one AdminClient (thread-confined)."""
+    """Batched offset reads with one AdminClient (thread-confined).
+
+    Committed offsets are read by a consumer of the group (one per group, never subscribed, so it
+    joins nothing), not by ``AdminClient.list_consumer_group_offsets``: librdkafka (2.4 to 2.16 at
+    least, librdkafka#5040) dereferences the admin client's missing consumer group when the answer
+    is NOT_COORDINATOR — a broker restarting, a group never seen — and the process dies of a
+    segfault in ``rd_kafka_cgrp_op`` (seen three times killing a worker here).
+    """
 
     def __init__(self, bootstrap: str, timeout: float = 10.0) -> None:
         self.timeout = timeout
+        self.bootstrap = bootstrap
         self.admin = admin_client(bootstrap)
+        self._group_readers: dict[str, Consumer] = {}
 
     def partitions(self, topics: Iterable[str]) -> list[TopicPartition]:
         """The partitions of the topics that exist."""
@@ -101,12 +110,33 @@ class OffsetReader:
         futures = self.admin.list_offsets({tp: spec for tp in tps}, request_timeout=self.timeout)
         return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
 
+    def _group_reader(self, group: str) -> Consumer:
+        reader = self._group_readers.get(group)
+        if reader is None:
+            reader = Consumer(
+                {
+                    "bootstrap.servers": self.bootstrap,
+                    "group.id": group,
+                    "enable.auto.commit": False,
+                    "socket.connection.setup.timeout.ms": 3000,
+                    "logger": RDKAFKA_LOG,
+                }
+            )
+            self._group_readers[group] = reader
+        return reader
+
     def committed(self, group: str, tps: Sequence[TopicPartition]) -> dict[tuple[str, int], int | None]:
         if not tps:
             return {}
-        request = [ConsumerGroupTopicPartitions(group, [TopicPartition(tp.topic, tp.partition) for tp in tps])]
-        result = self.admin.list_consumer_group_offsets(request, request_timeout=self.timeout)[group].result()
-        return {(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None for tp in result.topic_partitions}
+        asked = [TopicPartition(tp.topic, tp.partition) for tp in tps]
+        result = self._group_reader(group).committed(asked, timeout=self.timeout)
+        return {(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None for tp in result}
+
+    def close(self) -> None:
+        """Close the group readers (they hold connections and librdkafka threads)."""
+        readers, self._group_readers = self._group_readers, {}
+        for reader in readers.values():
+            reader.close()
 
     def lag(self, group: str, topics: Iterable[str]) -> list[PartitionLag]:
         """Per partition of ``topics``: low/high watermarks and ``group``'s committed offset."""
@@ -183,6 +213,12 @@ class LagPoller(threading.Thread):
 
     def run(self) -> None:
         reader = OffsetReader(self.settings.kafka_bootstrap)
+        try:
+            self._poll_until_stopped(reader)
+        finally:
+            reader.close()
+
+    def _poll_until_stopped(self, reader: OffsetReader) -> None:
         while not self._stop_event.is_set():
             try:
                 self.poll_once(reader)

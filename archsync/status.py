@@ -134,6 +134,7 @@ def collect(topology: Topology, settings: Settings) -> StatusReport:
                 status.lag_bytes = slot.lag_bytes
                 status.wal_status = slot.wal_status
         report.sources.append(status)
+    reader: OffsetReader | None = None
     try:
         check_broker(settings.kafka_bootstrap, timeout=5.0)
         reader = OffsetReader(settings.kafka_bootstrap)
@@ -154,6 +155,9 @@ def collect(topology: Topology, settings: Settings) -> StatusReport:
         report.dead_letters = reader.dead_letter_backlog(topology)
     except Exception as exc:  # noqa: BLE001 - unreachable brokers make the status unhealthy, not a crash
         report.kafka_error = str(exc)
+    finally:
+        if reader is not None:
+            reader.close()
     report.last_reconcile = last_reconciliation(topology, settings)
     return report
 

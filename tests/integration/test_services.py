@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from archsync.settings import Settings
@@ -110,3 +111,49 @@ def test_services_up_twice_is_harmless(repo) -> None:  # type: ignore[no-untyped
     result = subprocess.run(["scripts/services.sh", "up"], cwd=repo, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "already running" in result.stderr
+
+
+OFFSET_READER_PROBE = """
+import sys
+from confluent_kafka import TopicPartition
+from archsync.observability import OffsetReader
+
+bootstrap, topic, group, unique = sys.argv[1:5]
+reader = OffsetReader(bootstrap)
+try:
+    rows = {(r.partition, r.committed, r.high) for r in reader.lag(group, [topic])}
+    assert rows == {(0, 3, 5), (1, None, 0)}, rows
+    for i in range(30):  # groups the broker never saw: NOT_COORDINATOR answers
+        unseen = reader.committed(f"unseen-{unique}-{i}", [TopicPartition(topic, 0)])
+        assert unseen == {(topic, 0): None}, unseen
+finally:
+    reader.close()
+print("read")
+"""
+
+
+def test_offset_reader_reads_committed_offsets_of_real_and_unseen_groups(settings: Settings, unique: str) -> None:
+    """The worker's lag poller and `archsync status` read committed offsets with a group consumer:
+    AdminClient.list_consumer_group_offsets segfaults librdkafka on a NOT_COORDINATOR answer (an
+    unseen group, a restarting broker; librdkafka#5040) — it killed workers here. A child process,
+    so a crash fails this test instead of ending the session."""
+    topic = f"test.offsets.{unique}"
+    group = f"g-offsets-{unique}"
+    ensure_topics(settings.kafka_bootstrap, [TopicSpec(topic, partitions=2)])
+    try:
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+        for i in range(5):
+            producer.produce(topic, value=f"v{i}".encode(), partition=0)
+        assert producer.flush(30) == 0
+        committer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
+        committer.commit(offsets=[TopicPartition(topic, 0, 3)], asynchronous=False)
+        committer.close()
+        probe = subprocess.run(
+            [sys.executable, "-c", OFFSET_READER_PROBE, settings.kafka_bootstrap, topic, group, unique],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert probe.returncode == 0 and "read" in probe.stdout, (probe.returncode, probe.stderr[-2000:])
+    finally:
+        delete_topics(settings.kafka_bootstrap, [topic])

@@ -62,7 +62,7 @@ class TextOf(HTMLParser):
 
 def test_audit_log_of_a_pipeline_run(pipeline: Pipeline, unique: str, tmp_path: Path) -> None:
     p = pipeline
-    fonds = f"U{unique[:5]}"
+    fonds = f"U{unique}"
     form_no = f"U-{unique}"
     form_id = new_form(p, form_no, fonds, amount="4321.09", attachments=2)
     time.sleep(0.5)
@@ -279,7 +279,7 @@ def test_audit_agent_in_its_own_worker(settings: Settings, unique: str, tmp_path
         p.start()
         p.start_audit_worker()
         form_no = f"AS-{unique}"
-        approve(p, new_form(p, form_no, f"A{unique[:5]}", attachments=1))
+        approve(p, new_form(p, form_no, f"A{unique}", attachments=1))
         item = p.wait_for(lambda: item_of(p, form_no), 60, "the archive item")
 
         def chained() -> list[dict[str, Any]]:

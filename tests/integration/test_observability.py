@@ -82,7 +82,7 @@ def work_round(observed: Observed, n: str) -> None:
     """A form approved in OA is archived, filed, its code flows back; one bad record dead-lettered."""
     p, unique = observed.pipe, observed.unique
     form_no = f"OBS{n}-{unique}"
-    form_id = new_form(p, form_no, f"O{unique[:5]}")
+    form_id = new_form(p, form_no, f"O{unique}")
     approve(p, form_id)
     item = p.wait_for(lambda: item_of(p, form_no), 60, "the archive item")
     p.sql("archive", "UPDATE arc_item SET status = 'FILED', filed_at = now() WHERE id = %s", (item["id"],))

@@ -30,7 +30,7 @@ def run(p: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
 def test_drift_behind_archsyncs_back_is_found_and_repaired(pipeline: Pipeline, unique: str) -> None:
     p = pipeline
     form_no = f"R-{unique}"
-    form_id = new_form(p, form_no, f"R{unique[:5]}", attachments=1)
+    form_id = new_form(p, form_no, f"R{unique}", attachments=1)
     approve(p, form_id)
     item = p.wait_for(lambda: item_of(p, form_no), 60, "the archive item")
     p.wait_for(lambda: p.sql("archive", "SELECT 1 FROM arc_file WHERE item_id = %s", (item["id"],)), 30, "its file")
@@ -111,7 +111,7 @@ def test_scheduled_and_triggered_flows_and_notifications(settings: Settings, uni
         opened = next_fire(cron)
         time.sleep(max(0.0, (opened - datetime.now().astimezone()).total_seconds()) + 2.0)
         window = next_fire(cron)
-        fonds = f"M{unique[:5]}"
+        fonds = f"M{unique}"
         forms = [new_form(p, f"M-{unique}-{n}", fonds, attachments=1) for n in range(3)]
         for form_id in forms:
             approve(p, form_id)

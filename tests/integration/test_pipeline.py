@@ -63,7 +63,7 @@ def item_of(p: Pipeline, form_no: str) -> dict | None:
 
 def test_approved_form_is_archived_and_the_code_flows_back(pipeline: Pipeline, unique: str) -> None:
     p = pipeline
-    form_no, fonds = f"T-{unique}", f"T{unique[:5]}"
+    form_no, fonds = f"T-{unique}", f"T{unique}"
     form_id = new_form(p, form_no, fonds)
     approve(p, form_id)
     item = p.wait_for(lambda: item_of(p, form_no), 60, "the archive item")
@@ -114,7 +114,7 @@ def test_approved_form_is_archived_and_the_code_flows_back(pipeline: Pipeline, u
 
 def test_withdrawn_rejected_revoked_and_borrowing_round_trip(pipeline: Pipeline, unique: str) -> None:
     p = pipeline
-    fonds = f"W{unique[:5]}"
+    fonds = f"W{unique}"
     # approved then rejected before filing: the pending item is cancelled
     a = new_form(p, f"A-{unique}", fonds, attachments=0)
     approve(p, a)
@@ -200,7 +200,7 @@ def test_worker_killed_mid_run_and_apply_topic_replayed_change_nothing(pipeline:
     from confluent_kafka import Consumer, Producer, TopicPartition
 
     p = pipeline
-    fonds = f"K{unique[:5]}"
+    fonds = f"K{unique}"
     forms = []
     for n in range(30):
         forms.append(new_form(p, f"K-{unique}-{n:02d}", fonds, attachments=1))
@@ -316,10 +316,10 @@ def test_failed_apply_is_dead_lettered_and_replayed_after_a_fix(pipeline: Pipeli
         f"ALTER TABLE arc_item ADD CONSTRAINT no_{unique} CHECK (title IS DISTINCT FROM '{poison}') NOT VALID",
     )
     try:
-        form_id = new_form(p, f"P-{unique}", f"P{unique[:5]}", attachments=1)
+        form_id = new_form(p, f"P-{unique}", f"P{unique}", attachments=1)
         p.sql("oa", "UPDATE oa_form SET title = %s WHERE id = %s", (poison, form_id))
         approve(p, form_id)
-        ok = new_form(p, f"Q-{unique}", f"P{unique[:5]}", attachments=0)
+        ok = new_form(p, f"Q-{unique}", f"P{unique}", attachments=0)
         approve(p, ok)
         p.wait_for(lambda: item_of(p, f"Q-{unique}"), 60, "the healthy form's item (the stream went on)")
         assert item_of(p, f"P-{unique}") is None
@@ -366,7 +366,7 @@ def test_two_workers_share_the_work_and_survive_one_dying(pipeline: Pipeline, un
     second = p.worker
     p.wait_for(lambda: p.log.read_text(errors="replace").count(READY_LINE) >= 3, 120, "the rebalance to both")
     assert first is not None and second is not None
-    fonds = f"S{unique[:5]}"
+    fonds = f"S{unique}"
     forms = [new_form(p, f"S-{unique}-{n:02d}", fonds, attachments=1) for n in range(20)]
     try:
         for n, form_id in enumerate(forms):
@@ -414,7 +414,7 @@ def test_refused_write_is_recorded_on_the_conflicts_topic(settings: Settings, un
     p = Pipeline(settings, unique, tmp_path, base=base)
     try:
         p.start()
-        form_no, fonds = f"C-{unique}", f"C{unique[:5]}"
+        form_no, fonds = f"C-{unique}", f"C{unique}"
         approve(p, new_form(p, form_no, fonds, attachments=0))
         item = p.wait_for(lambda: item_of(p, form_no), 60, "the archive item")
         assert item["status"] == "RECEIVED"
@@ -459,7 +459,7 @@ def test_rejected_change_is_dead_lettered_and_replayed_after_a_topology_fix(
     p = Pipeline(settings, unique, tmp_path, base=base)
     try:
         p.start()
-        fonds = f"R{unique[:5]}"
+        fonds = f"R{unique}"
         approve(p, new_form(p, f"R-{unique}", fonds, form_type="PAYMENT", attachments=1))
         approve(p, new_form(p, f"S-{unique}", fonds, attachments=0))
         p.wait_for(lambda: item_of(p, f"S-{unique}"), 60, "the healthy form's item (the stream went on)")
@@ -549,7 +549,7 @@ def test_database_restarts_mid_run_nothing_lost_or_duplicated(pipeline: Pipeline
     from archsync.errors import ConfigError
 
     p = pipeline
-    fonds, forms = twelve_forms_four_synced(p, f"R{unique[:5]}", unique)
+    fonds, forms = twelve_forms_four_synced(p, f"R{unique}", unique)
     repo = Path(__file__).resolve().parents[2]
     restart = threading.Thread(
         target=subprocess.run,
@@ -581,7 +581,7 @@ def test_broker_stops_answering_mid_run_nothing_lost_or_duplicated(pipeline: Pip
     from .test_capture_recovery import kafka_pid
 
     p = pipeline
-    fonds, forms = twelve_forms_four_synced(p, f"K{unique[:5]}", unique)
+    fonds, forms = twelve_forms_four_synced(p, f"K{unique}", unique)
     pid = kafka_pid()
     os.kill(pid, signal.SIGSTOP)
     try:

@@ -41,7 +41,7 @@ def test_stalled_table_recovery_is_sought_back_and_the_state_restored(pipeline: 
     p = pipeline
     p.wait_for(lambda: READY_LINE in p.log.read_text(errors="replace"), 120, "the worker to be ready")
     form_no = f"RW-{unique}"
-    form_id = new_form(p, form_no, f"R{unique[:5]}", attachments=1)
+    form_id = new_form(p, form_no, f"R{unique}", attachments=1)
     approve(p, form_id)
     item = p.wait_for(lambda: item_of(p, form_no), 60, "the archive item")
     p.wait_for(

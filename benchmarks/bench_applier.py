@@ -54,8 +54,14 @@ def form_commands(topology: Any, tag: str, n: int) -> list[ApplyCommand]:
         "currency": "CNY",
         "row_version": 1,
     }
-    attachment = {"id": n, "form_id": n, "kind": "EINVOICE_XML", "file_name": "inv.xml", "size_bytes": 64,
-                  "sha256": "ab" * 32}
+    attachment = {
+        "id": n,
+        "form_id": n,
+        "kind": "EINVOICE_XML",
+        "file_name": "inv.xml",
+        "size_bytes": 64,
+        "sha256": "ab" * 32,
+    }
     commands: list[ApplyCommand] = []
     for order, (table, op, key, before, after) in enumerate(
         [
@@ -111,11 +117,12 @@ def main() -> dict[str, object]:
         applier.close()
         with connect(settings.archive_dsn, "ARCHSYNC_ARCHIVE_DSN", autocommit=True) as conn:
             like = f"BA-{tag}-%"
-            conn.execute("DELETE FROM arc_file WHERE item_id IN (SELECT id FROM arc_item WHERE source_ref LIKE %s)",
-                         (like,))
+            conn.execute(
+                "DELETE FROM arc_file WHERE item_id IN (SELECT id FROM arc_item WHERE source_ref LIKE %s)", (like,)
+            )
             conn.execute("DELETE FROM arc_item WHERE source_ref LIKE %s", (like,))
             conn.execute("DELETE FROM arc_code_sequence WHERE fonds_code = %s", (f"BA{tag}",))
-            conn.execute("DELETE FROM archsync_apply_guard WHERE target_key LIKE %s", (f'%{tag}%',))
+            conn.execute("DELETE FROM archsync_apply_guard WHERE target_key LIKE %s", (f"%{tag}%",))
             conn.execute("SELECT pg_replication_origin_drop(%s)", (origin,))
 
 

@@ -38,6 +38,8 @@ import yaml
 
 from archsync.logs import configure_logging
 from archsync.settings import load_settings
+from benchmarks.cpu_budget import CpuBudget, ceiling, find_process, parent_of
+from connectors.postgres import connect
 from tests.integration.pipeline_kit import REPO, Pipeline, worker_children
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -211,12 +213,41 @@ def steady_phase(p: Pipeline, tag: str, rate: int, seconds: float) -> dict[str, 
     }
 
 
-def capacity_phase(p: Pipeline, tag: str, start: int, burst: int) -> dict[str, float]:
+# the machine's CPU by part of the pipeline (benchmarks/cpu_budget.py); the services' groups
+SERVICE_GROUPS = ("kafka", "postgres_oa", "postgres_archive")
+PIPELINE_GROUPS = ("workers", "appliers", "captures_and_writer", *SERVICE_GROUPS)
+
+
+def cpu_groups(p: Pipeline) -> dict[str, tuple[int, ...]]:
+    """The process groups of a running pipeline: the workers (the audit worker too), their applier processes, this
+    process (both captures and the OA writer run here), the broker, each PostgreSQL cluster."""
+    workers = tuple(w.pid for w in (p.worker, *p.extra_workers, p.audit_worker) if w is not None)
+    groups = {
+        "workers": workers,
+        "appliers": tuple(c for pid in workers for c in worker_children(pid)),
+        "captures_and_writer": (os.getpid(),),
+    }
+    broker = find_process("kafka.Kafka")
+    if broker is not None:
+        groups["kafka"] = (broker,)
+    for system in ("oa", "archive"):
+        source = p.topology.source(system)
+        with connect(source.dsn(p.settings), source.dsn_env, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            postmaster = parent_of(int(row[0])) if row else None  # while the backend lives
+        if postmaster is not None:
+            groups[f"postgres_{system}"] = (postmaster,)
+    return groups
+
+
+def capacity_phase(p: Pipeline, tag: str, start: int, burst: int) -> dict[str, Any]:
     """``burst`` forms written at once; the rate at which the pipeline drains them."""
     assert p.worker is not None
     progress(f"capacity phase: {burst} forms ({burst * CHANGES_PER_FORM} row changes) at once")
     base = items_done(p, tag)
     worker_cpu0, own_cpu0 = sum(map(cpu_seconds, worker_pids(p))), cpu_seconds(os.getpid())
+    budget = CpuBudget(cpu_groups(p))
+    budget.start()
     machine0 = cpu_times()
     started = time.monotonic()
     chunk = 500
@@ -236,11 +267,13 @@ def capacity_phase(p: Pipeline, tag: str, start: int, burst: int) -> dict[str, f
     capture_cpu = cpu_seconds(os.getpid()) - own_cpu0  # both captures run in this process
     capacity = burst * CHANGES_PER_FORM / drain
     steal = steal_percent(machine0, cpu_times())
+    per_row = budget.stop(burst * CHANGES_PER_FORM)
     progress(
         f"capacity: {capacity:,.0f} row changes/s (written in {done_writing:.1f} s, drained in {drain:.1f} s;"
         f" steal {steal}%)"
     )
     progress(f"CPU: worker {worker_cpu:.1f} s, captures + writer {capture_cpu:.1f} s")
+    progress("CPU ms per row change: " + ", ".join(f"{k} {v}" for k, v in per_row.items()))
     return {
         "capacity": capacity,
         "drain": drain,
@@ -248,6 +281,7 @@ def capacity_phase(p: Pipeline, tag: str, start: int, burst: int) -> dict[str, f
         "worker_cpu_ms": worker_cpu * 1000 / (burst * CHANGES_PER_FORM),
         "capture_cpu_ms": capture_cpu * 1000 / (burst * CHANGES_PER_FORM),
         "steal_percent": steal,
+        "cpu_ms_per_row_change_by_process": per_row,
     }
 
 
@@ -296,6 +330,14 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def cpu_by_process(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """The rounds' CPU ms per row change by process group, averaged."""
+    names = {k for r in rounds for k in r["cpu_ms_per_row_change_by_process"]}
+    return {
+        k: round(mean([r["cpu_ms_per_row_change_by_process"].get(k, 0.0) for r in rounds]), 3) for k in sorted(names)
+    }
+
+
 def main() -> dict[str, object]:
     configure_logging("WARNING")
     rate = int(os.environ.get("BENCH_RATE", "1000"))
@@ -305,7 +347,7 @@ def main() -> dict[str, object]:
     repeat = int(os.environ.get("BENCH_REPEAT", "3"))
     settings = load_settings()
     result: dict[str, object] = {"benchmark": "pipeline"}
-    runs: dict[str, list[dict[str, float]]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     worker_rss = 0
     apply_rss: list[int] = []
     tree_pss = 0
@@ -362,6 +404,18 @@ def main() -> dict[str, object]:
             "worker_cpu_ms_per_row_change": round(avg("in-worker", "worker_cpu_ms"), 3),
             "worker_cpu_ms_per_row_change_without_audit": round(avg("off", "worker_cpu_ms"), 3),
             "capture_cpu_ms_per_row_change": round(avg("in-worker", "capture_cpu_ms"), 3),
+            # where the machine's CPU went per OA row change (each mode's rounds averaged), and the
+            # rate its cores could carry at best: with this CPU per row change, with no idle time
+            "cpu_ms_per_row_change_by_process": {m: cpu_by_process(rs) for m, rs in runs.items()},
+            "ceiling_row_changes_per_second": {
+                m: {
+                    "whole_pipeline": ceiling(cpu_by_process(rs), PIPELINE_GROUPS),
+                    "services_and_captures_alone": ceiling(
+                        cpu_by_process(rs), (*SERVICE_GROUPS, "captures_and_writer")
+                    ),
+                }
+                for m, rs in runs.items()
+            },
             "worker_peak_rss_mib": round(worker_rss / 2**20, 1),
             "applier_processes_peak_rss_mib": [round(r / 2**20, 1) for r in apply_rss],
             # after the burst (PSS has no peak); the worker's RSS stays near its peak by then

@@ -60,7 +60,7 @@ from psycopg.types.json import Jsonb
 
 from archsync.errors import ArchsyncError
 from connectors.pgoutput import lsn_to_str, str_to_lsn
-from connectors.postgres import connect, first_line
+from connectors.postgres import connect, first_line, numbered_placeholders
 from processors.model import ApplyCommand, Change, Conflict, json_default, to_jsonable
 
 if TYPE_CHECKING:
@@ -393,6 +393,7 @@ class Applier:
             self.conn = conn
         self._tables: dict[str, TargetTable] = {}
         self._sql_cache: dict[tuple[Any, ...], bytes] = {}
+        self._raw_cache: dict[bytes, bytes] = {}  # statement → its $n form (see _execute)
         # per batch (see _run_batch): fast path on, its guard cache and pending guard rows
         self._fast = False
         self._written: list[psycopg.Cursor[Any]] = []
@@ -677,7 +678,7 @@ class Applier:
                 ("delete", table.name, _shape(match)),
                 lambda: sql.SQL("DELETE FROM {} WHERE {}").format(table.ident, self._where(table, match)),
             )
-            self._count(self.conn.execute(query, list(self._where_params(match))), out)
+            self._count(self._execute(query, list(self._where_params(match))), out)
         else:
             self._write(cmd, table, match, others, insert=cmd.action == "upsert", out=out)
         self._save_guard(cmd, table.name, key, deleted=cmd.action == "delete")
@@ -771,7 +772,7 @@ class Applier:
                     ),
                 )
                 params = [*_value_params(write.values()), *(p for s in sources for p in s.params)]
-                cur = self.conn.execute(query, [*params, *self._where_params(match)])
+                cur = self._execute(query, [*params, *self._where_params(match)])
                 if cmd.echo:
                     self._echo(cmd, table, "u", match, out)
                 self._count(cur, out)
@@ -855,7 +856,7 @@ class Applier:
                 params += [*source.params, *where_params]
             if not sources:
                 params += where_params
-        written = _WrittenInOne(self.conn.execute(query, params))
+        written = _WrittenInOne(self._execute(query, params))
         if self._fast:
             self._written_in_one.append(written)
         else:
@@ -881,7 +882,7 @@ class Applier:
                     table.ident, self._where(table, row)
                 ),
             )
-            exists = self.conn.execute(query, list(self._where_params(row))).fetchone()
+            exists = self._execute(query, list(self._where_params(row))).fetchone()
             if exists is not None:
                 out.skipped_replay += 1
                 out.outcomes.append((cmd, "skipped_replay"))
@@ -937,7 +938,7 @@ class Applier:
             )
 
         query = self._cached(("insert", table.name, _value_shape(row)), build)
-        self.conn.execute(query, [*_value_params(row.values()), *(p for s in sources for p in s.params)])
+        self._execute(query, [*_value_params(row.values()), *(p for s in sources for p in s.params)])
 
     def _echo(
         self, cmd: ApplyCommand, table: TargetTable, op: str | _WrittenInOne, match: dict[str, Any], out: ApplyResult
@@ -950,7 +951,7 @@ class Applier:
             ("echo", table.name, _shape(match)),
             lambda: sql.SQL("SELECT * FROM {} WHERE {}").format(table.ident, self._where(table, match)),
         )
-        cur = self.conn.execute(query, list(self._where_params(match)))
+        cur = self._execute(query, list(self._where_params(match)))
         if self._fast:  # no round trip per echo: the rows are fetched with the batch's last reads
             self._pending_echoes.append((cmd, table, op, cur, out))
             return
@@ -984,7 +985,15 @@ class Applier:
             query = self._sql_cache[key] = build().as_bytes(self.conn)
         return query
 
-    def _count(self, cur: psycopg.Cursor[Any], out: ApplyResult) -> None:
+    def _execute(self, query: bytes, params: list[Any]) -> psycopg.RawCursor[Any]:
+        """Run a cached statement shape (:meth:`_cached`) with its placeholders numbered once
+        (psycopg would parse a long statement's placeholders on every execute)."""
+        raw = self._raw_cache.get(query)
+        if raw is None:
+            raw = self._raw_cache[query] = numbered_placeholders(query)
+        return psycopg.RawCursor(self.conn).execute(raw, params)
+
+    def _count(self, cur: psycopg.Cursor[Any] | psycopg.RawCursor[Any], out: ApplyResult) -> None:
         """Rows affected by a write: known at once, or (pipeline mode) when the batch is synced."""
         if self._fast:
             self._written.append(cur)
@@ -1145,7 +1154,7 @@ class Applier:
             )
 
         query = self._cached(("current", table.name, _value_shape(plain), tuple(read_only), _shape(match)), build)
-        rows = self.conn.execute(query, [*_value_params(plain.values()), *self._where_params(match)]).fetchall()
+        rows = self._execute(query, [*_value_params(plain.values()), *self._where_params(match)]).fetchall()
         out: list[tuple[dict[str, Any], dict[str, bool]]] = []
         for r in rows:
             values: dict[str, Any] = {}

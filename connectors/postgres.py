@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -45,3 +46,28 @@ def connect(dsn: str, setting: str, *, replication: bool = False, **kwargs: Any)
         return psycopg.connect(dsn, **params)
     except psycopg.OperationalError as exc:
         raise ConfigError(setting, f"cannot connect to {describe_dsn(dsn)}: {first_line(exc)}") from None
+
+
+_PLACEHOLDER = re.compile(rb"%(.)", re.DOTALL)
+
+
+def numbered_placeholders(query: bytes) -> bytes:
+    """A query written with psycopg's positional ``%s`` placeholders (``%%`` for a literal ``%``)
+    in PostgreSQL's own ``$1, $2, …`` form, for a :class:`psycopg.RawCursor`.
+
+    psycopg parses a query's placeholders on every execute unless the query is short (4,096
+    bytes) with few parameters (50); the applier's statement shapes are longer, so converting each
+    once and running it raw saves that parse (a fifth of the applier's time, measured)."""
+    numbered = 0
+
+    def replace(match: re.Match[bytes]) -> bytes:
+        nonlocal numbered
+        kind = match.group(1)
+        if kind == b"%":
+            return b"%"
+        if kind == b"s":
+            numbered += 1
+            return b"$%d" % numbered
+        raise ValueError(f"unsupported placeholder %{kind.decode(errors='replace')} (only %s and %%)")
+
+    return _PLACEHOLDER.sub(replace, query)

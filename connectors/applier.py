@@ -82,8 +82,10 @@ ACTIONS = ("upsert", "update", "insert_once", "delete")
 # applier's database 3.5x the CPU and the burst at two thirds of the rate, in about one run of three
 # (whenever the applier connected right after autovacuum had truncated the bench's emptied table).
 # Without sequential scans the planner keeps to the key's index whatever the table's size; a
-# target without an index on a match key still gets its sequential scan (there is no other plan).
-SESSION_SETTINGS = {"enable_seqscan": "off"}
+# target without an index on a match key still gets its sequential scan (there is no other plan),
+# costed so high that PostgreSQL would JIT-compile every run of it (~140 ms each, measured): the
+# applier's point statements never gain from JIT, so it is off too.
+SESSION_SETTINGS = {"enable_seqscan": "off", "jit": "off"}
 
 GUARD_DDL = """
 CREATE TABLE IF NOT EXISTS archsync_apply_guard (

@@ -418,7 +418,6 @@ def _register_applier(
                 extra={"system": system, "commands": len(commands), "seconds": round(time.perf_counter() - started, 4)},
             )
             metrics.APPLY_LATENCY.labels(system).observe(time.perf_counter() - started)
-            print(f"BATCHLOG {time.time():.3f} {system} {len(commands)} {time.perf_counter() - started:.4f}", file=sys.stderr, flush=True)  # TEMP
             if result.isolated:
                 metrics.APPLY_ISOLATED.labels(system).inc()
             now_ms = time.time() * 1000

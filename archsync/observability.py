@@ -1,8 +1,9 @@
 """Process health, consumer lag and dead-letter backlog: read from Kafka, exported as metrics.
 
 The worker runs :class:`LagPoller` in a background thread: every few seconds it reads the worker
-group's committed offsets and the partitions' high watermarks (one batched AdminClient request
-each), and the dead-letter topics' sizes minus what ``archsync dlq replay`` re-drove. The capture
+group's committed offsets (one request by a consumer of the group, see :class:`OffsetReader`) and
+the partitions' watermarks (one batched AdminClient request each), and the dead-letter topics'
+sizes minus what ``archsync dlq replay`` re-drove. The capture
 runs :func:`start_capture_observer`, which turns the capture's own counters into a progress time.
 ``archsync status`` uses the same readers once.
 """

@@ -40,6 +40,9 @@ its guard rows and its echoes: 2026-11-28, ``bench_applier`` 1,660–1,791 comma
 726–944 with a read before each write and a round trip per lookup and code (in turns).
 
 PostgreSQL 15 lets one session at a time use a replication origin: one Applier per origin.
+
+The pieces its statements are composed from, the target tables it keeps and its session settings
+are in :mod:`connectors.apply_sql` (pure); this module runs them.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from archsync.errors import ArchsyncError
+from connectors import apply_sql as q
+from connectors.apply_sql import CommandError, TargetTable
 from connectors.pgoutput import lsn_to_str, str_to_lsn
 from connectors.postgres import connect, first_line, numbered_placeholders
 from processors.model import ApplyCommand, Change, Conflict, json_default, to_jsonable
@@ -74,67 +79,6 @@ MayWrite = Callable[[str, str, str, str], bool]
 
 ACTIONS = ("upsert", "update", "insert_once", "delete")
 
-# The applier's statements are point reads and writes by key, prepared once per connection
-# (psycopg prepares a statement shape after 5 runs) and kept with their first generic plan. A plan
-# made while the target table was (nearly) empty — a new archive, or one vacuumed down to a page —
-# is a sequential scan, and it stays one while the table grows: measured in the pipeline benchmark,
-# 150-390 buffers read per statement instead of ~23, 2.2 ms instead of 0.5 ms a write, the archive
-# applier's database 3.5x the CPU and the burst at two thirds of the rate, in about one run of three
-# (whenever the applier connected right after autovacuum had truncated the bench's emptied table).
-# Without sequential scans the planner keeps to the key's index whatever the table's size; a
-# target without an index on a match key still gets its sequential scan (there is no other plan),
-# costed so high that PostgreSQL would JIT-compile every run of it (~140 ms each, measured): the
-# applier's point statements never gain from JIT, so it is off too.
-SESSION_SETTINGS = {"enable_seqscan": "off", "jit": "off"}
-
-GUARD_DDL = """
-CREATE TABLE IF NOT EXISTS archsync_apply_guard (
-  target_table        text        NOT NULL,
-  target_key          text        NOT NULL,
-  source_system       text        NOT NULL,
-  source_commit_lsn   bigint      NOT NULL,
-  source_order        bigint      NOT NULL,
-  source_commit_ts_ms bigint,
-  command_id          text        NOT NULL,
-  deleted             boolean     NOT NULL DEFAULT false,
-  applied_at          timestamptz NOT NULL DEFAULT now(),
-  PRIMARY KEY (target_table, target_key, source_system)
-);
-COMMENT ON TABLE archsync_apply_guard IS
-  'archsync applier: per target row and source system, the source position last applied (replay/order guard)';
-CREATE TABLE IF NOT EXISTS archsync_applied_command (
-  command_id   text        PRIMARY KEY,
-  target_table text        NOT NULL,
-  applied_at   timestamptz NOT NULL DEFAULT now()
-);
-COMMENT ON TABLE archsync_applied_command IS
-  'archsync applier: ids of insert_once commands already applied (no duplicate on replay)';
-DO $do$ BEGIN
-  IF to_regprocedure('archsync_one(anyarray, text)') IS NULL THEN
-    CREATE FUNCTION archsync_one(candidates anyarray, what text) RETURNS anyelement
-    LANGUAGE plpgsql STABLE AS $f$
-    BEGIN
-      IF cardinality(candidates) = 1 THEN
-        RETURN candidates[1];
-      ELSIF cardinality(candidates) = 0 THEN
-        RAISE EXCEPTION '% found no row (parent not applied yet?)', what USING ERRCODE = 'no_data_found';
-      END IF;
-      RAISE EXCEPTION '% matches more than one row', what USING ERRCODE = 'too_many_rows';
-    END $f$;
-    COMMENT ON FUNCTION archsync_one(anyarray, text) IS
-      'archsync applier: the one value a $lookup finds, or an error naming the lookup';
-  END IF;
-END $do$;
-"""
-
-# a guard row replaces the one of the same target row and source system
-_GUARD_UPSERT = (
-    " ON CONFLICT (target_table, target_key, source_system) DO UPDATE SET"
-    " source_commit_lsn = EXCLUDED.source_commit_lsn, source_order = EXCLUDED.source_order,"
-    " source_commit_ts_ms = EXCLUDED.source_commit_ts_ms, command_id = EXCLUDED.command_id,"
-    " deleted = EXCLUDED.deleted, applied_at = EXCLUDED.applied_at"
-)
-
 # Errors that say the connection or the transaction as a whole is in trouble (lost connection,
 # deadlock, serialization failure, lock timeout): the batch is raised for the caller to retry,
 # never reported as a bad command.
@@ -143,10 +87,6 @@ _TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError)
 
 class ApplyError(ArchsyncError):
     """The applier cannot start or run (not a problem of one command)."""
-
-
-class CommandError(ArchsyncError):
-    """One command cannot be applied; its group is rolled back and reported as failed."""
 
 
 @dataclass
@@ -196,22 +136,6 @@ class Echo:
 
 
 @dataclass(frozen=True)
-class TargetTable:
-    """A target table as the catalog shows it: ``schema.table``, column → SQL type, primary key."""
-
-    name: str
-    ident: sql.Identifier
-    columns: dict[str, str]
-    primary_key: tuple[str, ...] = ()
-
-    def type_of(self, column: str) -> str:
-        try:
-            return self.columns[column]
-        except KeyError:
-            raise CommandError(f"column {column!r} does not exist in table {self.name}") from None
-
-
-@dataclass(frozen=True)
 class _Guard:
     system: str
     lsn: int
@@ -234,56 +158,6 @@ def _special(value: Any, key: str) -> Any:
     if isinstance(value, dict) and len(value) == 1 and key in value:
         return value[key]
     return None
-
-
-@dataclass(frozen=True)
-class _InList:
-    """A ``{"$in": [...]}`` match value, its elements turned into query parameters."""
-
-    values: tuple[Any, ...]
-
-
-@dataclass(frozen=True, eq=False)
-class _NextItemNo:
-    """The next gap-free item number of a fonds/class/year, drawn by the statement that writes it
-    (``arc_next_item_no`` as a FROM item named ``alias``): no round trip to fetch it first."""
-
-    alias: str
-    params: tuple[Any, ...]  # fonds, class, year
-
-    def from_item(self, when: sql.Composable | None = None) -> sql.Composable:
-        """The FROM item; with ``when``, a number is drawn only if that holds (else no row)."""
-        return sql.SQL("(SELECT arc_next_item_no(%s::text, %s::text, %s::integer) AS n{}) {}").format(
-            sql.SQL(" WHERE {}").format(when) if when is not None else sql.SQL(""), sql.Identifier(self.alias)
-        )
-
-
-@dataclass(frozen=True, eq=False)
-class _Computed:
-    """A value the target computes in the statement that matches or writes it (a ``$lookup``, an
-    allocated code): ``text`` with its ``params``, in place of a ``%s`` parameter. ``shape`` tells
-    the statement texts apart for the SQL cache; ``source`` is a FROM item the text reads."""
-
-    shape: tuple[Any, ...]
-    text: sql.Composable
-    params: tuple[Any, ...] = ()
-    source: _NextItemNo | None = None
-
-
-def _value_sql(table: TargetTable, column: str, value: Any) -> sql.Composable:
-    """How a value to write appears in a statement: its computation, or a parameter cast to the column's type."""
-    if isinstance(value, _Computed):
-        return value.text
-    return sql.SQL("%s::{}").format(sql.SQL(table.type_of(column)))
-
-
-def _differs(table: TargetTable, column: str, value: Any) -> sql.Composable:
-    """Is the incoming ``value`` different from the column's current value?"""
-    if table.type_of(column) == "json":  # json has no equality operator
-        return sql.SQL("{0}::jsonb IS DISTINCT FROM ({1})::jsonb").format(
-            sql.Identifier(column), _value_sql(table, column, value)
-        )
-    return sql.SQL("{} IS DISTINCT FROM {}").format(sql.Identifier(column), _value_sql(table, column, value))
 
 
 class _WrittenInOne:
@@ -313,36 +187,6 @@ class _WrittenInOne:
         return "c" if inserted else "u" if updated else None
 
 
-def _value_params(values: Iterable[Any]) -> list[Any]:
-    """The parameters of values rendered by :func:`_value_sql`, in order."""
-    out: list[Any] = []
-    for v in values:
-        if isinstance(v, _Computed):
-            out.extend(v.params)
-        else:
-            out.append(v)
-    return out
-
-
-def _value_shape(values: Mapping[str, Any]) -> tuple[Any, ...]:
-    return tuple((c, v.shape if isinstance(v, _Computed) else 0) for c, v in values.items())
-
-
-def _sources(values: Iterable[Any]) -> list[_NextItemNo]:
-    """The FROM items the computed ``values`` read, each once, in order."""
-    found: dict[str, _NextItemNo] = {}
-    for v in values:
-        if isinstance(v, _Computed) and v.source is not None:
-            found.setdefault(v.source.alias, v.source)
-    return list(found.values())
-
-
-def _from_clause(sources: list[_NextItemNo]) -> sql.Composable:
-    if not sources:
-        return sql.SQL("")
-    return sql.SQL(" FROM ") + sql.SQL(", ").join(s.from_item() for s in sources)
-
-
 def _decode_bytes(value: Any) -> Any:
     spec = _special(value, "$bytes")
     if spec is not None:
@@ -350,22 +194,6 @@ def _decode_bytes(value: Any) -> Any:
     if isinstance(value, list):
         return [_decode_bytes(v) for v in value]
     return value
-
-
-def archival_code(fonds: str | None, class_code: str, year: int, retention: str, volume: int, item: int) -> str:
-    """``<fonds>-<class>·<year>·<retention>-<volume:04d>-<item:04d>`` (no fonds prefix when empty)."""
-    return f"{archival_code_prefix(fonds, class_code, year, retention, volume)}{item:04d}"
-
-
-def archival_code_prefix(fonds: str | None, class_code: str, year: int, retention: str, volume: int) -> str:
-    """An archival code up to its item number (see :func:`archival_code`)."""
-    prefix = f"{fonds}-" if fonds else ""
-    return f"{prefix}{class_code}·{year}·{retention}-{volume:04d}-"
-
-
-# the archival code the target writes: the prefix parameter and the drawn number, 4 digits at least
-# (as ``archival_code`` formats it)
-_CODE_SQL = "%s::text || lpad({0}::text, greatest(4, length({0}::text)), '0')"
 
 
 class Applier:
@@ -458,12 +286,12 @@ class Applier:
     # ------------------------------------------------------------------------------ lifecycle
 
     def _start(self) -> None:
-        for name, value in SESSION_SETTINGS.items():
+        for name, value in q.SESSION_SETTINGS.items():
             self.conn.execute("SELECT set_config(%s, %s, false)", (name, value))
         for attempt in (1, 2):  # two appliers starting together may race on CREATE ... IF NOT EXISTS
             try:
                 with self.conn.transaction():
-                    self.conn.execute(GUARD_DDL)
+                    self.conn.execute(q.GUARD_DDL)
                 break
             except psycopg.errors.UniqueViolation:
                 if attempt == 2:
@@ -690,7 +518,7 @@ class Applier:
         match = {c: self._match_param(v, table, c) for c, v in cmd.match.items()}
         if cmd.action == "delete":
             query = self._cached(
-                ("delete", table.name, _shape(match)),
+                ("delete", table.name, q.shape(match)),
                 lambda: sql.SQL("DELETE FROM {} WHERE {}").format(table.ident, self._where(table, match)),
             )
             self._count(self._execute(query, list(self._where_params(match))), out)
@@ -773,20 +601,20 @@ class Applier:
             write.update(self._allocate(table, col, spec))
         if rows:
             if write:
-                sources = _sources(write.values())
+                sources = q.sources(write.values())
                 query = self._cached(
-                    ("update", table.name, _value_shape(write), _shape(match)),
+                    ("update", table.name, q.value_shape(write), q.shape(match)),
                     lambda: sql.SQL("UPDATE {} SET {}{} WHERE {}").format(
                         table.ident,
                         sql.SQL(", ").join(
-                            sql.SQL("{} = {}").format(sql.Identifier(c), _value_sql(table, c, v))
+                            sql.SQL("{} = {}").format(sql.Identifier(c), q.value_sql(table, c, v))
                             for c, v in write.items()
                         ),
-                        _from_clause(sources),
+                        q.from_clause(sources),
                         self._where(table, match),
                     ),
                 )
-                params = [*_value_params(write.values()), *(p for s in sources for p in s.params)]
+                params = [*q.value_params(write.values()), *(p for s in sources for p in s.params)]
                 cur = self._execute(query, [*params, *self._where_params(match)])
                 if cmd.echo:
                     self._echo(cmd, table, "u", match, out)
@@ -822,7 +650,7 @@ class Applier:
         if insert:
             for col, value in init.items():
                 row.update(self._init_value(table, col, value))
-        sources = _sources(row.values()) if insert else []
+        sources = q.sources(row.values()) if insert else []
 
         def build() -> sql.Composable:
             where = self._where(table, match)
@@ -832,16 +660,16 @@ class Applier:
                     sql.SQL("upd AS (UPDATE {} SET {} WHERE {} AND ({}) RETURNING 1)").format(
                         table.ident,
                         sql.SQL(", ").join(
-                            sql.SQL("{} = {}").format(sql.Identifier(c), _value_sql(table, c, v))
+                            sql.SQL("{} = {}").format(sql.Identifier(c), q.value_sql(table, c, v))
                             for c, v in plain.items()
                         ),
                         where,
-                        sql.SQL(" OR ").join(_differs(table, c, v) for c, v in plain.items()),
+                        sql.SQL(" OR ").join(q.differs(table, c, v) for c, v in plain.items()),
                     )
                 )
             if insert:
                 absent = sql.SQL("NOT EXISTS (SELECT 1 FROM {} WHERE {})").format(table.ident, where)
-                values = sql.SQL(", ").join(_value_sql(table, c, v) for c, v in row.items())
+                values = sql.SQL(", ").join(q.value_sql(table, c, v) for c, v in row.items())
                 ctes.append(
                     sql.SQL("ins AS (INSERT INTO {} ({}) SELECT {} {} RETURNING 1)").format(
                         table.ident,
@@ -858,15 +686,15 @@ class Applier:
                 sql.SQL("(SELECT count(*) FROM ins)" if insert else "0"),
             )
 
-        key = ("in_one", table.name, _value_shape(plain), _value_shape(row) if insert else None, _shape(match))
+        key = ("in_one", table.name, q.value_shape(plain), q.value_shape(row) if insert else None, q.shape(match))
         query = self._cached(key, build)
         where_params = list(self._where_params(match))
         params: list[Any] = []
         if plain:
-            values = _value_params(plain.values())
+            values = q.value_params(plain.values())
             params += [*values, *where_params, *values]
         if insert:
-            params += _value_params(row.values())
+            params += q.value_params(row.values())
             for source in sources:  # each draws its number only when no row matches
                 params += [*source.params, *where_params]
             if not sources:
@@ -892,7 +720,7 @@ class Applier:
         row: dict[str, Any] = {c: self._param(v, table, c) for c, v in cmd.match.items()}
         if row:  # insert unless a row matching ``match`` exists; never update it
             query = self._cached(
-                ("exists", table.name, _shape(row)),
+                ("exists", table.name, q.shape(row)),
                 lambda: sql.SQL("SELECT 1 FROM {} WHERE {} LIMIT 1 FOR UPDATE").format(
                     table.ident, self._where(table, row)
                 ),
@@ -940,20 +768,20 @@ class Applier:
     # ------------------------------------------------------------------------------ helpers
     def _insert(self, table: TargetTable, row: Mapping[str, Any]) -> None:
         """INSERT one row, each value cast to its column's type (or computed by the target)."""
-        sources = _sources(row.values())
+        sources = q.sources(row.values())
 
         def build() -> sql.Composable:
-            values = sql.SQL(", ").join(_value_sql(table, c, v) for c, v in row.items())
+            values = sql.SQL(", ").join(q.value_sql(table, c, v) for c, v in row.items())
             return sql.SQL("INSERT INTO {} ({}) {}").format(
                 table.ident,
                 sql.SQL(", ").join(sql.Identifier(c) for c in row),
-                sql.SQL("SELECT {}{}").format(values, _from_clause(sources))
+                sql.SQL("SELECT {}{}").format(values, q.from_clause(sources))
                 if sources
                 else sql.SQL("VALUES ({})").format(values),
             )
 
-        query = self._cached(("insert", table.name, _value_shape(row)), build)
-        self._execute(query, [*_value_params(row.values()), *(p for s in sources for p in s.params)])
+        query = self._cached(("insert", table.name, q.value_shape(row)), build)
+        self._execute(query, [*q.value_params(row.values()), *(p for s in sources for p in s.params)])
 
     def _echo(
         self, cmd: ApplyCommand, table: TargetTable, op: str | _WrittenInOne, match: dict[str, Any], out: ApplyResult
@@ -963,7 +791,7 @@ class Applier:
         if not table.primary_key:
             raise CommandError(f"echo needs a primary key on {table.name}")
         query = self._cached(
-            ("echo", table.name, _shape(match)),
+            ("echo", table.name, q.shape(match)),
             lambda: sql.SQL("SELECT * FROM {} WHERE {}").format(table.ident, self._where(table, match)),
         )
         cur = self._execute(query, list(self._where_params(match)))
@@ -1062,13 +890,13 @@ class Applier:
         return _decode_bytes(value)
 
     def _match_param(self, value: Any, table: TargetTable, column: str) -> Any:
-        """A match value as a query parameter; ``{"$in": [...]}`` becomes an :class:`_InList`."""
+        """A match value as a query parameter; ``{"$in": [...]}`` becomes an :class:`q.InList`."""
         if not _is_special(value, "$in"):
             return self._param(value, table, column)
         spec = value["$in"]
         if not isinstance(spec, list):
             raise CommandError(f"$in for {column} must be a list, got {type(spec).__name__}")
-        return _InList(tuple(self._param(v, table, column) for v in spec))
+        return q.InList(tuple(self._param(v, table, column) for v in spec))
 
     def _init_value(self, table: TargetTable, column: str, value: Any) -> dict[str, Any]:
         """The column(s) an ``$init`` value writes on insert (an ``$allocate`` allocates only now)."""
@@ -1077,9 +905,9 @@ class Applier:
             return self._allocate(table, column, spec)
         return {column: self._param(value, table, column)}
 
-    def _lookup(self, spec: Any) -> _Computed:
+    def _lookup(self, spec: Any) -> q.Computed:
         """A ``$lookup``, found by the statement that uses it (no round trip): ``archsync_one``
-        (GUARD_DDL) raises, naming the lookup, unless exactly one row matches."""
+        (q.GUARD_DDL) raises, naming the lookup, unless exactly one row matches."""
         if not isinstance(spec, dict) or not {"table", "column", "where"} <= spec.keys() or not spec["where"]:
             raise CommandError(f"malformed $lookup {spec!r}: expected table, column and a non-empty where")
         table = self._table(str(spec["table"]))
@@ -1088,7 +916,7 @@ class Applier:
             raise CommandError(f"$lookup of {table.name}.{column}: an array column cannot be looked up")
         where = {c: self._param(v, table, c) for c, v in spec["where"].items()}
         described = orjson.dumps(spec["where"], option=orjson.OPT_SORT_KEYS, default=json_default).decode()
-        shape = ("lookup", table.name, column, _shape(where))
+        shape = ("lookup", table.name, column, q.shape(where))
         text = self._cached(
             shape,
             lambda: sql.SQL("archsync_one(ARRAY(SELECT {} FROM {} WHERE {} LIMIT 2), %s::text)").format(
@@ -1096,7 +924,7 @@ class Applier:
             ),
         )
         what = f"$lookup {table.name}.{column} where {described}"
-        return _Computed(shape, sql.SQL(text.decode()), (*self._where_params(where), what))
+        return q.Computed(shape, sql.SQL(text.decode()), (*self._where_params(where), what))
 
     def _allocate(self, table: TargetTable, column: str, spec: Any) -> dict[str, Any]:
         """A new gap-free archival code (and item/volume numbers) for ``table.column``, the number
@@ -1109,14 +937,14 @@ class Applier:
         except (TypeError, ValueError):
             raise CommandError(f"$allocate year {spec['year']!r} is not an integer") from None
         volume = 1
-        number = _NextItemNo(f"next_{column}", (fonds, str(spec["class"]), year))
+        number = q.NextItemNo(f"next_{column}", (fonds, str(spec["class"]), year))
         n = sql.SQL("{}.n").format(sql.Identifier(number.alias))
-        prefix = archival_code_prefix(fonds, str(spec["class"]), year, str(spec["retention"]), volume)
+        prefix = q.archival_code_prefix(fonds, str(spec["class"]), year, str(spec["retention"]), volume)
         result: dict[str, Any] = {
-            column: _Computed(("code", number.alias), sql.SQL(_CODE_SQL).format(n), (prefix,), number)
+            column: q.Computed(("code", number.alias), sql.SQL(q.CODE_SQL).format(n), (prefix,), number)
         }
         if "item_no" in table.columns:
-            result["item_no"] = _Computed(("item", number.alias), n, (), number)
+            result["item_no"] = q.Computed(("item", number.alias), n, (), number)
         if "volume_no" in table.columns:
             result["volume_no"] = volume
         return result
@@ -1129,10 +957,10 @@ class Applier:
         ident = sql.Identifier(column)
         if value is None:
             return sql.SQL("{} IS NULL").format(ident)
-        if isinstance(value, _Computed):
+        if isinstance(value, q.Computed):
             return sql.SQL("{} = {}").format(ident, value.text)
         cast = sql.SQL("%s::{}").format(sql.SQL(table.type_of(column)))
-        if not isinstance(value, _InList):
+        if not isinstance(value, q.InList):
             return sql.SQL("{} = {}").format(ident, cast)
         terms: list[sql.Composable] = []
         listed = [v for v in value.values if v is not None]
@@ -1147,9 +975,9 @@ class Applier:
     @staticmethod
     def _where_params(match: Mapping[str, Any]) -> Iterable[Any]:
         for v in match.values():
-            if isinstance(v, _InList):
+            if isinstance(v, q.InList):
                 yield from (x for x in v.values if x is not None)
-            elif isinstance(v, _Computed):
+            elif isinstance(v, q.Computed):
                 yield from v.params
             elif v is not None:
                 yield v
@@ -1162,14 +990,14 @@ class Applier:
         def build() -> sql.Composable:
             select: list[sql.Composable] = [sql.SQL("1")]
             for col, value in plain.items():
-                select.append(sql.SQL("{}, {}").format(sql.Identifier(col), _differs(table, col, value)))
+                select.append(sql.SQL("{}, {}").format(sql.Identifier(col), q.differs(table, col, value)))
             select.extend(sql.Identifier(c) for c in read_only)
             return sql.SQL("SELECT {} FROM {} WHERE {} FOR UPDATE").format(
                 sql.SQL(", ").join(select), table.ident, self._where(table, match)
             )
 
-        query = self._cached(("current", table.name, _value_shape(plain), tuple(read_only), _shape(match)), build)
-        rows = self._execute(query, [*_value_params(plain.values()), *self._where_params(match)]).fetchall()
+        query = self._cached(("current", table.name, q.value_shape(plain), tuple(read_only), q.shape(match)), build)
+        rows = self._execute(query, [*q.value_params(plain.values()), *self._where_params(match)]).fetchall()
         out: list[tuple[dict[str, Any], dict[str, bool]]] = []
         for r in rows:
             values: dict[str, Any] = {}
@@ -1240,7 +1068,7 @@ class Applier:
             "INSERT INTO archsync_apply_guard (target_table, target_key, source_system, source_commit_lsn,"
             " source_order, source_commit_ts_ms, command_id, deleted, applied_at)"
             " SELECT e->>0, e->>1, e->>2, (e->>3)::bigint, (e->>4)::bigint, (e->>5)::bigint, e->>6,"
-            " (e->>7)::boolean, now() FROM jsonb_array_elements(%s::jsonb) e" + _GUARD_UPSERT,
+            " (e->>7)::boolean, now() FROM jsonb_array_elements(%s::jsonb) e" + q.GUARD_UPSERT,
             (_json_param(list(self._pending_guards.values())),),
         )
 
@@ -1264,7 +1092,7 @@ class Applier:
         self.conn.execute(
             "INSERT INTO archsync_apply_guard (target_table, target_key, source_system, source_commit_lsn,"
             " source_order, source_commit_ts_ms, command_id, deleted, applied_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now())" + _GUARD_UPSERT,
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now())" + q.GUARD_UPSERT,
             row,
         )
 
@@ -1297,22 +1125,6 @@ def echo_changes(result: ApplyResult, system: str, origin: str) -> list[Change]:
         )
         for i, echo in enumerate(result.echoes)
     ]
-
-
-def _shape(match: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What the WHERE clause of ``match`` looks like (columns, NULLs, IN-list sizes, computed values):
-    the SQL cache key."""
-    return tuple((c, _value_key(v)) for c, v in match.items())
-
-
-def _value_key(value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, _InList):
-        return (len(value.values), None in value.values)
-    if isinstance(value, _Computed):
-        return value.shape
-    return 1
 
 
 def _is_special(value: Any, key: str) -> bool:

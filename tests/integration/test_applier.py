@@ -913,7 +913,7 @@ def test_statements_prepared_on_an_empty_table_keep_to_the_key_index(
     """The applier's statements are prepared after a few runs and keep their generic plan. Planned
     while the target is (nearly) empty, that plan was a sequential scan, kept while the table grew:
     ~2 ms a write instead of 0.5 in the pipeline benchmark, a third of its runs at two thirds of the
-    rate. The applier's session does without sequential scans (connectors/applier.py SESSION_SETTINGS)."""
+    rate. The applier's session does without sequential scans (connectors/apply_sql.py SESSION_SETTINGS)."""
     archive.execute(f"CREATE UNIQUE INDEX ON {scratch} (k)")
     archive.execute(f"INSERT INTO {scratch} (k, status) SELECT 'few' || g, 'B' FROM generate_series(1, 20) g")
     archive.execute(f"ANALYZE {scratch}")  # as autovacuum leaves a table emptied down to a page

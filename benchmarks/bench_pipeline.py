@@ -9,9 +9,10 @@ status → APPROVED), which the pipeline turns into an archive item and its file
 2. capacity: ``BENCH_BURST`` forms (default 5,000) written at once; the rate at which the
    pipeline drains them is the highest sustained rate (beyond it lag grows).
 3. the capacity phase again with the audit agent in a worker of its own (``--role audit``), and
-   with the audit switched off: the audit's cost on throughput, measured in the same run; the
-   three modes take turns for ``BENCH_REPEAT`` rounds (default 3) and the cost is averaged over
-   the rounds (this VM's speed drifts by ±30% within minutes).
+   with the audit switched off: the audit's cost on throughput, measured in the same run; and with
+   two workers sharing the partitions (``BENCH_TWO_WORKERS=0`` skips it). The modes take turns for
+   ``BENCH_REPEAT`` rounds (default 3) and the cost is averaged over the rounds (this VM's speed
+   drifts by ±30% within minutes).
 4. sweep: steady phases of ``BENCH_SWEEP_SECONDS`` (default 20) at each of ``BENCH_SWEEP_RATES``
    (default 150,200,250,300,400 row changes/s; audit in the worker, a fresh pipeline each): the
    latency percentiles per rate and the highest rate whose p99 stays under 500 ms.
@@ -124,11 +125,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 AUDIT_MODES = ("in-worker", "separate", "off")
+TWO_WORKERS = "in-worker, two workers"
 
 
-def start_pipeline(settings: Any, unique: str, audit: str) -> Pipeline:
-    """Both captures and a worker on the reference topology, ready. ``audit``: the audit agent in
-    the worker, in a worker of its own (``--role audit``), or switched off."""
+def start_pipeline(settings: Any, unique: str, audit: str, workers: int | None = None) -> Pipeline:
+    """Both captures and ``workers`` workers (``BENCH_WORKERS``, 1) on the reference topology,
+    ready. ``audit``: the audit agent in the worker, in a worker of its own (``--role audit``), or
+    switched off."""
     tmp = Path(tempfile.mkdtemp())
     base = None
     if audit == "off":
@@ -145,7 +148,8 @@ def start_pipeline(settings: Any, unique: str, audit: str) -> Pipeline:
     from processors.app import READY_LINE
 
     p.wait_for(lambda: READY_LINE in p.log.read_text(errors="replace"), 120, "worker ready")
-    workers = int(os.environ.get("BENCH_WORKERS", "1"))
+    if workers is None:
+        workers = int(os.environ.get("BENCH_WORKERS", "1"))
     for _ in range(workers - 1):  # more workers in the group share the partitions
         p.start_worker(extra=True)
     # each worker says so at the end of each rebalance: the first one once per worker joining
@@ -354,20 +358,24 @@ def main() -> dict[str, object]:
     modes = [m for m in os.environ.get("BENCH_AUDIT_MODES", ",".join(AUDIT_MODES)).split(",") if m in AUDIT_MODES]
     if "in-worker" not in modes:
         raise SystemExit("BENCH_AUDIT_MODES must include in-worker (the steady phase runs there)")
+    # the default mode again with a second worker in the group (scaling out on the same two cores)
+    if os.environ.get("BENCH_TWO_WORKERS", "1") != "0":
+        modes.append(TWO_WORKERS)
     for round_no in range(repeat):
-        for audit in modes:
+        for mode in modes:
+            audit, workers = ("in-worker", 2) if mode == TWO_WORKERS else (mode, None)
             unique = uuid.uuid4().hex[:8]
-            progress(f"round {round_no + 1}/{repeat}: starting captures and a worker (audit: {audit})")
-            p = start_pipeline(settings, unique, audit)
+            progress(f"round {round_no + 1}/{repeat}: starting captures and {workers or 1} worker(s) (audit: {audit})")
+            p = start_pipeline(settings, unique, audit, workers)
             try:
                 start = 0
-                steady = audit == "in-worker" and round_no == 0
+                steady = mode == "in-worker" and round_no == 0
                 if steady:
                     first = steady_phase(p, unique, rate, seconds)
                     first["steady_steal_percent"] = first.pop("steal_percent")
                     result.update(first)
                     start = int(result["steady_forms"])  # type: ignore[call-overload]
-                runs.setdefault(audit, []).append(capacity_phase(p, unique, start, burst))
+                runs.setdefault(mode, []).append(capacity_phase(p, unique, start, burst))
                 if steady:
                     assert p.worker is not None
                     worker_rss = rss_peak(p.worker.pid)
@@ -377,7 +385,7 @@ def main() -> dict[str, object]:
             finally:
                 cleanup(p, unique)
     result.update(sweep(settings))
-    if len(runs) < len(AUDIT_MODES):  # a partial run (BENCH_AUDIT_MODES): print, keep the results file
+    if not set(AUDIT_MODES) <= runs.keys():  # a partial run (BENCH_AUDIT_MODES): print, keep the results file
         print(json.dumps({**result, "runs": runs, "worker_peak_rss_mib": round(worker_rss / 2**20, 1)}, indent=2))
         return result
 
@@ -398,6 +406,10 @@ def main() -> dict[str, object]:
             "capacity_audit_worker_apart_row_changes_per_second": round(avg("separate", "capacity")),
             "audit_cost_percent_audit_worker_apart": round(cost("separate"), 1),
             "capacity_per_round": {m: [round(r["capacity"]) for r in rs] for m, rs in runs.items()},
+            # the default mode with two workers sharing the partitions (0 when BENCH_TWO_WORKERS=0)
+            "capacity_two_workers_row_changes_per_second": round(avg(TWO_WORKERS, "capacity"))
+            if TWO_WORKERS in runs
+            else 0,
             # the hypervisor's share of the machine during each round: the runs' noise
             "steal_percent_per_round": {m: [r["steal_percent"] for r in rs] for m, rs in runs.items()},
             "pipeline_worker_cpu_ms_per_row_change_audit_worker_apart": round(avg("separate", "worker_cpu_ms"), 3),

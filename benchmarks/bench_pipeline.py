@@ -39,7 +39,7 @@ import yaml
 
 from archsync.logs import configure_logging
 from archsync.settings import load_settings
-from benchmarks.cpu_budget import CpuBudget, ceiling, find_process, parent_of
+from benchmarks.cpu_budget import CpuBudget, ceiling, find_process, machine_ticks, parent_of
 from connectors.postgres import connect
 from tests.integration.pipeline_kit import REPO, Pipeline, worker_children
 
@@ -99,29 +99,12 @@ def pss_now(pid: int) -> int:
     return 0
 
 
-def cpu_times() -> list[int]:
-    """The machine's CPU time counters (/proc/stat ``cpu`` line: user … steal), in clock ticks."""
-    try:
-        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return [0] * 8
-
-
 def steal_percent(before: list[int], after: list[int]) -> float:
     """The share of the machine's time its hypervisor gave to other guests between two
-    :func:`cpu_times` (this VM's speed changes with it: the same code ran at half speed with 50%)."""
+    :func:`machine_ticks` (this VM's speed changes with it: the same code ran at half speed with 50%)."""
     delta = [b - a for a, b in zip(before, after, strict=True)]
     total = sum(delta)
     return round(100 * delta[7] / total, 1) if total > 0 else 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used (from /proc; 0 when unknown)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 AUDIT_MODES = ("in-worker", "separate", "off")
@@ -157,19 +140,13 @@ def start_pipeline(settings: Any, unique: str, audit: str, workers: int | None =
     return p
 
 
-def worker_pids(p: Pipeline) -> list[int]:
-    """The workers and their applier processes."""
-    pids = [w.pid for w in (p.worker, *p.extra_workers) if w is not None]
-    return pids + [c for pid in pids for c in worker_children(pid)]
-
-
 def steady_phase(p: Pipeline, tag: str, rate: int, seconds: float) -> dict[str, object]:
     """``rate`` row changes/s for ``seconds``: OA approval → archive item latency percentiles."""
     forms_per_tick = rate / CHANGES_PER_FORM / 10  # a fraction is carried to the next tick
     progress(f"steady phase: {rate} row changes/s ({forms_per_tick:g} forms every 100 ms) for {seconds:.0f} s")
     written = 0
     owed = 0.0
-    machine0 = cpu_times()
+    machine0 = machine_ticks()
     stop_at = time.monotonic() + seconds
     next_tick = time.monotonic()
     while time.monotonic() < stop_at:
@@ -183,7 +160,7 @@ def steady_phase(p: Pipeline, tag: str, rate: int, seconds: float) -> dict[str, 
         time.sleep(max(0.0, next_tick - time.monotonic()))
     actual_rate = written * CHANGES_PER_FORM / seconds
     p.wait_for(lambda: items_done(p, tag) >= written, 600, "the steady phase to drain")
-    steal = steal_percent(machine0, cpu_times())
+    steal = steal_percent(machine0, machine_ticks())
     lat = [
         float(r[0])
         for r in p.sql(
@@ -249,10 +226,9 @@ def capacity_phase(p: Pipeline, tag: str, start: int, burst: int) -> dict[str, A
     assert p.worker is not None
     progress(f"capacity phase: {burst} forms ({burst * CHANGES_PER_FORM} row changes) at once")
     base = items_done(p, tag)
-    worker_cpu0, own_cpu0 = sum(map(cpu_seconds, worker_pids(p))), cpu_seconds(os.getpid())
     budget = CpuBudget(cpu_groups(p))
     budget.start()
-    machine0 = cpu_times()
+    machine0 = machine_ticks()
     started = time.monotonic()
     chunk = 500
     for i in range(0, burst, chunk):
@@ -267,23 +243,22 @@ def capacity_phase(p: Pipeline, tag: str, start: int, burst: int) -> dict[str, A
             raise RuntimeError("the capacity phase did not drain within 15 minutes")
         time.sleep(0.2)
     drain = time.monotonic() - started
-    worker_cpu = sum(map(cpu_seconds, worker_pids(p))) - worker_cpu0
-    capture_cpu = cpu_seconds(os.getpid()) - own_cpu0  # both captures run in this process
     capacity = burst * CHANGES_PER_FORM / drain
-    steal = steal_percent(machine0, cpu_times())
+    steal = steal_percent(machine0, machine_ticks())
     per_row = budget.stop(burst * CHANGES_PER_FORM)
     progress(
         f"capacity: {capacity:,.0f} row changes/s (written in {done_writing:.1f} s, drained in {drain:.1f} s;"
         f" steal {steal}%)"
     )
-    progress(f"CPU: worker {worker_cpu:.1f} s, captures + writer {capture_cpu:.1f} s")
     progress("CPU ms per row change: " + ", ".join(f"{k} {v}" for k, v in per_row.items()))
     return {
         "capacity": capacity,
         "drain": drain,
         # CPU per row change: what bounds the rate on a machine whose cores are all busy
-        "worker_cpu_ms": worker_cpu * 1000 / (burst * CHANGES_PER_FORM),
-        "capture_cpu_ms": capture_cpu * 1000 / (burst * CHANGES_PER_FORM),
+        # the workers (the audit worker too, when apart) with their applier processes; both captures
+        # and the OA writer (they run in this process)
+        "worker_cpu_ms": per_row["workers"] + per_row["appliers"],
+        "capture_cpu_ms": per_row["captures_and_writer"],
         "steal_percent": steal,
         "cpu_ms_per_row_change_by_process": per_row,
     }
@@ -412,7 +387,7 @@ def main() -> dict[str, object]:
             else 0,
             # the hypervisor's share of the machine during each round: the runs' noise
             "steal_percent_per_round": {m: [r["steal_percent"] for r in rs] for m, rs in runs.items()},
-            "pipeline_worker_cpu_ms_per_row_change_audit_worker_apart": round(avg("separate", "worker_cpu_ms"), 3),
+            "worker_cpu_ms_per_row_change_audit_worker_apart": round(avg("separate", "worker_cpu_ms"), 3),
             "worker_cpu_ms_per_row_change": round(avg("in-worker", "worker_cpu_ms"), 3),
             "worker_cpu_ms_per_row_change_without_audit": round(avg("off", "worker_cpu_ms"), 3),
             "capture_cpu_ms_per_row_change": round(avg("in-worker", "capture_cpu_ms"), 3),

@@ -44,14 +44,26 @@ def machine_ticks() -> list[int]:
     return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
 
 
-def tree_ticks(procs: Mapping[int, ProcStat], root: int, exclude: frozenset[int] = frozenset()) -> int:
+def children_of(procs: Mapping[int, ProcStat]) -> dict[int, list[int]]:
+    """Each process's children (by parent pid)."""
+    children: dict[int, list[int]] = {}
+    for pid, stat in procs.items():
+        children.setdefault(stat.ppid, []).append(pid)
+    return children
+
+
+def tree_ticks(
+    procs: Mapping[int, ProcStat],
+    root: int,
+    exclude: frozenset[int] = frozenset(),
+    children: Mapping[int, list[int]] | None = None,
+) -> int:
     """CPU ticks of ``root``, its reaped children and its live descendants, less the subtrees
     rooted at ``exclude`` (their reaped children included: a subtree's reaped CPU sits in its root)."""
     if root not in procs:
         return 0
-    children: dict[int, list[int]] = {}
-    for pid, stat in procs.items():
-        children.setdefault(stat.ppid, []).append(pid)
+    if children is None:
+        children = children_of(procs)
     total = 0
     stack = [root]
     while stack:
@@ -96,7 +108,11 @@ class CpuBudget:
 
     def _ticks(self, procs: Mapping[int, ProcStat]) -> dict[str, int]:
         roots = frozenset(pid for pids in self.groups.values() for pid in pids)
-        return {name: sum(tree_ticks(procs, pid, roots - {pid}) for pid in pids) for name, pids in self.groups.items()}
+        children = children_of(procs)
+        return {
+            name: sum(tree_ticks(procs, pid, roots - {pid}, children) for pid in pids)
+            for name, pids in self.groups.items()
+        }
 
     def start(self) -> None:
         self._procs, self._machine = read_procs(), machine_ticks()

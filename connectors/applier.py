@@ -234,7 +234,7 @@ class Applier:
             self.conn = conn
         self._tables: dict[str, TargetTable] = {}
         self._sql_cache: dict[tuple[Any, ...], bytes] = {}
-        self._raw_cache: dict[bytes, bytes] = {}  # statement → its $n form (see _execute)
+        self._statements: dict[tuple[Any, ...], bytes] = {}  # shape → statement, $n placeholders
         # per batch (see _run_batch): fast path on, its guard cache and pending guard rows
         self._fast = False
         self._written: list[psycopg.Cursor[Any]] = []
@@ -333,8 +333,11 @@ class Applier:
         self.close()
 
     def forget_catalog(self) -> None:
-        """Drop cached column types (after a schema change of a target table)."""
+        """Drop cached column types (after a schema change of a target table), and the statements
+        composed with them (their casts)."""
         self._tables.clear()
+        self._sql_cache.clear()
+        self._statements.clear()
 
     def owner_of(self, table: str, column: str) -> str | None:
         """The system that owns ``table.column``; None = shared (anyone may write it)."""
@@ -517,7 +520,7 @@ class Applier:
         others = [g for s, g in guards.items() if s != cmd.source_system]
         match = {c: self._match_param(v, table, c) for c, v in cmd.match.items()}
         if cmd.action == "delete":
-            query = self._cached(
+            query = self._statement(
                 ("delete", table.name, q.shape(match)),
                 lambda: sql.SQL("DELETE FROM {} WHERE {}").format(table.ident, self._where(table, match)),
             )
@@ -602,7 +605,7 @@ class Applier:
         if rows:
             if write:
                 sources = q.sources(write.values())
-                query = self._cached(
+                query = self._statement(
                     ("update", table.name, q.value_shape(write), q.shape(match)),
                     lambda: sql.SQL("UPDATE {} SET {}{} WHERE {}").format(
                         table.ident,
@@ -687,7 +690,7 @@ class Applier:
             )
 
         key = ("in_one", table.name, q.value_shape(plain), q.value_shape(row) if insert else None, q.shape(match))
-        query = self._cached(key, build)
+        query = self._statement(key, build)
         where_params = list(self._where_params(match))
         params: list[Any] = []
         if plain:
@@ -719,7 +722,7 @@ class Applier:
             return
         row: dict[str, Any] = {c: self._param(v, table, c) for c, v in cmd.match.items()}
         if row:  # insert unless a row matching ``match`` exists; never update it
-            query = self._cached(
+            query = self._statement(
                 ("exists", table.name, q.shape(row)),
                 lambda: sql.SQL("SELECT 1 FROM {} WHERE {} LIMIT 1 FOR UPDATE").format(
                     table.ident, self._where(table, row)
@@ -780,7 +783,7 @@ class Applier:
                 else sql.SQL("VALUES ({})").format(values),
             )
 
-        query = self._cached(("insert", table.name, q.value_shape(row)), build)
+        query = self._statement(("insert", table.name, q.value_shape(row)), build)
         self._execute(query, [*q.value_params(row.values()), *(p for s in sources for p in s.params)])
 
     def _echo(
@@ -790,7 +793,7 @@ class Applier:
         be the write's outcome, known once its result is read (no echo when it changed nothing)."""
         if not table.primary_key:
             raise CommandError(f"echo needs a primary key on {table.name}")
-        query = self._cached(
+        query = self._statement(
             ("echo", table.name, q.shape(match)),
             lambda: sql.SQL("SELECT * FROM {} WHERE {}").format(table.ident, self._where(table, match)),
         )
@@ -822,19 +825,24 @@ class Applier:
             out.echoes.append(Echo(cmd, table.name, op, key, row))
 
     def _cached(self, key: tuple[Any, ...], build: Callable[[], sql.Composable]) -> bytes:
-        """The SQL text of a statement shape, composed once per applier (composition is costly)."""
+        """The SQL text of a piece of a statement (``%s`` placeholders), composed once per applier
+        (composition is costly)."""
         query = self._sql_cache.get(key)
         if query is None:
             query = self._sql_cache[key] = build().as_bytes(self.conn)
         return query
 
+    def _statement(self, key: tuple[Any, ...], build: Callable[[], sql.Composable]) -> bytes:
+        """A statement shape composed once per applier, its placeholders numbered once for
+        :meth:`_execute` (psycopg would parse a long statement's placeholders on every execute)."""
+        query = self._statements.get(key)
+        if query is None:
+            query = self._statements[key] = numbered_placeholders(build().as_bytes(self.conn))
+        return query
+
     def _execute(self, query: bytes, params: list[Any]) -> psycopg.RawCursor[Any]:
-        """Run a cached statement shape (:meth:`_cached`) with its placeholders numbered once
-        (psycopg would parse a long statement's placeholders on every execute)."""
-        raw = self._raw_cache.get(query)
-        if raw is None:
-            raw = self._raw_cache[query] = numbered_placeholders(query)
-        return psycopg.RawCursor(self.conn).execute(raw, params)
+        """Run a statement of :meth:`_statement` (``$n`` placeholders, as PostgreSQL takes them)."""
+        return psycopg.RawCursor(self.conn).execute(query, params)
 
     def _count(self, cur: psycopg.Cursor[Any] | psycopg.RawCursor[Any], out: ApplyResult) -> None:
         """Rows affected by a write: known at once, or (pipeline mode) when the batch is synced."""
@@ -996,7 +1004,7 @@ class Applier:
                 sql.SQL(", ").join(select), table.ident, self._where(table, match)
             )
 
-        query = self._cached(("current", table.name, q.value_shape(plain), tuple(read_only), q.shape(match)), build)
+        query = self._statement(("current", table.name, q.value_shape(plain), tuple(read_only), q.shape(match)), build)
         rows = self._execute(query, [*q.value_params(plain.values()), *self._where_params(match)]).fetchall()
         out: list[tuple[dict[str, Any], dict[str, bool]]] = []
         for r in rows:

@@ -33,6 +33,7 @@ import orjson
 
 from archsync import metrics
 from processors.audit import FACT_FIELDS
+from processors.audit_report import item_number_gaps
 
 #: export columns: where the record is, its identity, a readable time, the facts, then the chain
 EXPORT_FIELDS = (
@@ -324,28 +325,22 @@ def export_command(
 
 
 def archive_checks(ctx: Any) -> tuple[list[str] | None, Counter[str] | None]:
-    """Gaps in archival item numbers and the archived file formats, from the archive database
+    """Gaps in archival volume/item numbers and the archived file formats, from the archive database
     (None, None when it cannot be reached)."""
     from connectors.postgres import connect
 
     try:
         source = ctx.topology().source("archive")
         with connect(source.dsn(ctx.settings), source.dsn_env, autocommit=True) as conn:
-            groups = conn.execute(
-                "SELECT coalesce(fonds_code, ''), class_code, fiscal_year, array_agg(item_no ORDER BY item_no)"
-                " FROM arc_item WHERE item_no IS NOT NULL GROUP BY 1, 2, 3"
+            numbered = conn.execute(
+                "SELECT coalesce(fonds_code, ''), class_code, fiscal_year, coalesce(volume_no, 1), array_agg(item_no)"
+                " FROM arc_item WHERE item_no IS NOT NULL GROUP BY 1, 2, 3, 4"
             ).fetchall()
             formats = conn.execute("SELECT coalesce(upper(format), '?'), count(*) FROM arc_file GROUP BY 1").fetchall()
     except Exception as exc:  # noqa: BLE001 - the report still renders, marking these as not checked
         click.echo(f"warning: archive database checks skipped: {exc}", err=True)
         return None, None
-    gaps = []
-    for fonds, cls, year, numbers in groups:
-        expected = set(range(1, max(numbers) + 1))
-        missing = sorted(expected - set(numbers))
-        if missing:
-            gaps.append(f"{fonds}/{cls}/{year}: missing item numbers {missing[:20]}")
-    return gaps, Counter({str(f): int(n) for f, n in formats})
+    return item_number_gaps(numbered), Counter({str(f): int(n) for f, n in formats})
 
 
 @audit_group.command("report")

@@ -935,8 +935,9 @@ class Applier:
         return q.Computed(shape, sql.SQL(text.decode()), (*self._where_params(where), what))
 
     def _allocate(self, table: TargetTable, column: str, spec: Any) -> dict[str, Any]:
-        """A new gap-free archival code (and item/volume numbers) for ``table.column``, the number
-        drawn by the statement that writes the row (no round trip)."""
+        """A new gap-free archival code (and item/volume numbers) for ``table.column``, the numbers
+        drawn by the statement that writes the row (no round trip). A volume holds
+        ``items_per_volume`` items (9,999 at most, the default); a full one opens the next."""
         if not isinstance(spec, dict) or not {"class", "year", "retention"} <= spec.keys():
             raise CommandError(f"malformed $allocate {spec!r}: expected fonds, class, year and retention")
         fonds = spec.get("fonds") or None
@@ -944,17 +945,19 @@ class Applier:
             year = int(spec["year"])
         except (TypeError, ValueError):
             raise CommandError(f"$allocate year {spec['year']!r} is not an integer") from None
-        volume = 1
-        number = q.NextItemNo(f"next_{column}", (fonds, str(spec["class"]), year))
-        n = sql.SQL("{}.n").format(sql.Identifier(number.alias))
-        prefix = q.archival_code_prefix(fonds, str(spec["class"]), year, str(spec["retention"]), volume)
-        result: dict[str, Any] = {
-            column: q.Computed(("code", number.alias), sql.SQL(q.CODE_SQL).format(n), (prefix,), number)
-        }
+        per_volume = spec.get("items_per_volume", q.MAX_ITEMS_PER_VOLUME)
+        if type(per_volume) is not int or not 1 <= per_volume <= q.MAX_ITEMS_PER_VOLUME:
+            raise CommandError(
+                f"$allocate items_per_volume {per_volume!r} is not an integer from 1 to {q.MAX_ITEMS_PER_VOLUME}"
+            )
+        number = q.NextItemNo(f"next_{column}", (fonds, str(spec["class"]), year, per_volume))
+        prefix = q.archival_code_prefix(fonds, str(spec["class"]), year, str(spec["retention"]))
+        code = sql.SQL(q.CODE_SQL).format(number.volume(), number.item())
+        result: dict[str, Any] = {column: q.Computed(("code", number.alias), code, (prefix,), number)}
         if "item_no" in table.columns:
-            result["item_no"] = q.Computed(("item", number.alias), n, (), number)
+            result["item_no"] = q.Computed(("item", number.alias), number.item(), (), number)
         if "volume_no" in table.columns:
-            result["volume_no"] = volume
+            result["volume_no"] = q.Computed(("volume", number.alias), number.volume(), (), number)
         return result
 
     def _where(self, table: TargetTable, match: Mapping[str, Any]) -> sql.Composed:

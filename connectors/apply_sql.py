@@ -105,17 +105,26 @@ class InList:
 
 @dataclass(frozen=True, eq=False)
 class NextItemNo:
-    """The next gap-free item number of a fonds/class/year, drawn by the statement that writes it
-    (``arc_next_item_no`` as a FROM item named ``alias``): no round trip to fetch it first."""
+    """The next gap-free (volume, item) number of a fonds/class/year, drawn by the statement that
+    writes it (``arc_next_volume_item`` as a FROM item named ``alias``, its value the array
+    ``n = [volume_no, item_no]``): no round trip to fetch it first."""
 
     alias: str
-    params: tuple[Any, ...]  # fonds, class, year
+    params: tuple[Any, ...]  # fonds, class, year, items per volume
 
     def from_item(self, when: sql.Composable | None = None) -> sql.Composable:
-        """The FROM item; with ``when``, a number is drawn only if that holds (else no row)."""
-        return sql.SQL("(SELECT arc_next_item_no(%s::text, %s::text, %s::integer) AS n{}) {}").format(
-            sql.SQL(" WHERE {}").format(when) if when is not None else sql.SQL(""), sql.Identifier(self.alias)
-        )
+        """The FROM item; with ``when``, a number is drawn only if that holds (else no row). The
+        function is called in a select list, not as a FROM function: a FROM function would run
+        (and allocate) before the WHERE clause is checked."""
+        return sql.SQL(
+            "(SELECT arc_next_volume_item(%s::text, %s::text, %s::integer, %s::integer) AS n{}) {}"
+        ).format(sql.SQL(" WHERE {}").format(when) if when is not None else sql.SQL(""), sql.Identifier(self.alias))
+
+    def volume(self) -> sql.Composable:
+        return sql.SQL("{}.n[1]").format(sql.Identifier(self.alias))
+
+    def item(self) -> sql.Composable:
+        return sql.SQL("{}.n[2]").format(sql.Identifier(self.alias))
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,20 +185,26 @@ def from_clause(sources: list[NextItemNo]) -> sql.Composable:
     return sql.SQL(" FROM ") + sql.SQL(", ").join(s.from_item() for s in sources)
 
 
+MAX_ITEMS_PER_VOLUME = 9999  # 4-digit item numbers
+
+
 def archival_code(fonds: str | None, class_code: str, year: int, retention: str, volume: int, item: int) -> str:
     """``<fonds>-<class>·<year>·<retention>-<volume:04d>-<item:04d>`` (no fonds prefix when empty)."""
-    return f"{archival_code_prefix(fonds, class_code, year, retention, volume)}{item:04d}"
+    return f"{archival_code_prefix(fonds, class_code, year, retention)}{volume:04d}-{item:04d}"
 
 
-def archival_code_prefix(fonds: str | None, class_code: str, year: int, retention: str, volume: int) -> str:
-    """An archival code up to its item number (see :func:`archival_code`)."""
+def archival_code_prefix(fonds: str | None, class_code: str, year: int, retention: str) -> str:
+    """An archival code up to its volume number (see :func:`archival_code`)."""
     prefix = f"{fonds}-" if fonds else ""
-    return f"{prefix}{class_code}·{year}·{retention}-{volume:04d}-"
+    return f"{prefix}{class_code}·{year}·{retention}-"
 
 
-# the archival code the target writes: the prefix parameter and the drawn number, 4 digits at least
-# (as ``archival_code`` formats it)
-CODE_SQL = "%s::text || lpad({0}::text, greatest(4, length({0}::text)), '0')"
+# the archival code the target writes: the prefix parameter, then the drawn volume ({0}) and item
+# ({1}) numbers, 4 digits at least (as ``archival_code`` formats them)
+CODE_SQL = (
+    "%s::text || lpad({0}::text, greatest(4, length({0}::text)), '0')"
+    " || '-' || lpad({1}::text, greatest(4, length({1}::text)), '0')"
+)
 
 
 def shape(match: Mapping[str, Any]) -> tuple[Any, ...]:

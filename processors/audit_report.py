@@ -5,7 +5,8 @@ checks) into numbers, :func:`render_html` into the page. The four checks (DA/T 7
 
 * authenticity — every hash chain intact; archived files' sha256 fixity (violations found);
 * integrity    — event counts, required metadata present on every event, no gaps in archival
-                 item numbers (per fonds/class/year, from the archive database);
+                 volume and item numbers (per fonds/class/year and volume, from the archive
+                 database: :func:`item_number_gaps`);
 * usability    — every record decodes and its JSON parts parse; archived file formats are open
                  formats (OFD/PDF/XML/…);
 * security     — own-origin writes filtered (skipped own transactions recorded, none re-captured),
@@ -34,6 +35,28 @@ REQUIRED = {
     "admin_action": ("outcome", "actor"),
     "fixity_violation": ("row_key", "reason"),
 }
+
+
+def item_number_gaps(numbered: Iterable[tuple[str, str, int, int, Iterable[int]]]) -> list[str]:
+    """The gaps in archival numbering, one line per fonds/class/year: volumes missing below the
+    highest one, and item numbers missing below the highest of their volume. ``numbered``: (fonds,
+    class, year, volume, item numbers) per volume, as the archive database holds them."""
+    years: dict[tuple[str, str, int], dict[int, set[int]]] = {}
+    for fonds, cls, year, volume, items in numbered:
+        years.setdefault((fonds, cls, year), {}).setdefault(volume, set()).update(items)
+    gaps = []
+    for (fonds, cls, year), volumes in sorted(years.items()):
+        problems = []
+        missing_volumes = sorted(set(range(1, max(volumes) + 1)) - volumes.keys())
+        if missing_volumes:
+            problems.append(f"missing volumes {missing_volumes[:20]}")
+        for volume, items in sorted(volumes.items()):
+            missing = sorted(set(range(1, max(items) + 1)) - items)
+            if missing:
+                problems.append(f"volume {volume} missing item numbers {missing[:20]}")
+        if problems:
+            gaps.append(f"{fonds}/{cls}/{year}: {'; '.join(problems)}")
+    return gaps
 
 
 @dataclass

@@ -14,7 +14,9 @@ Special values in ``ApplyCommand.values`` / ``match``:
       the value of ``column`` of the one row of ``table`` matching ``where`` (resolved by the
       applier inside the same transaction, e.g. the generated id of a parent row);
   ``{"$allocate": {"fonds": "F001", "class": "KJ", "year": 2026, "retention": "Y30"}}``
-      a new archival code, gap-free per (fonds, class, year), allocated in the target transaction.
+      a new archival code ``F001-KJ·2026·Y30-<volume>-<item>``, allocated in the target
+      transaction: item numbers gap-free within a volume, a volume full at ``items_per_volume``
+      items (optional key, 1..9999, default 9999) opening the next one at item 1.
 """
 
 from __future__ import annotations

@@ -84,8 +84,19 @@ def _lookup(table: str, column: str, **where: Any) -> dict[str, Any]:
     return {"$lookup": {"table": table, "column": column, "where": where}}
 
 
-def _allocate(fonds: Any, klass: Any, year: Any, retention: Any) -> dict[str, Any]:
-    return {"$allocate": {"fonds": fonds, "class": klass, "year": _year(year), "retention": retention}}
+MAX_ITEMS_PER_VOLUME = 9999  # archival item numbers have 4 digits
+
+
+def _allocate(fonds: Any, klass: Any, year: Any, retention: Any, items_per_volume: Any = None) -> dict[str, Any]:
+    spec = {"fonds": fonds, "class": klass, "year": _year(year), "retention": retention}
+    if items_per_volume is not None:
+        if type(items_per_volume) is not int or not 1 <= items_per_volume <= MAX_ITEMS_PER_VOLUME:
+            raise ExpressionError(
+                f"allocate_code(): items_per_volume must be an integer from 1 to {MAX_ITEMS_PER_VOLUME},"
+                f" got {items_per_volume!r}"
+            )
+        spec["items_per_volume"] = items_per_volume
+    return {"$allocate": spec}
 
 
 def _concat(*parts: Any) -> str:

@@ -513,6 +513,43 @@ def test_allocate_is_gap_free_and_never_repeated(
     assert rows(archive, sequence, items) == [(5,)]
 
 
+def test_allocate_opens_the_next_volume_when_one_is_full(
+    make_applier: Callable[..., Applier], cmds: Commands, items: str, archive: psycopg.Connection[Any]
+) -> None:
+    applier = make_applier()
+    small = {"$allocate": {**allocate(items)["$allocate"], "items_per_volume": 2}}
+    batch = [item_cmd(cmds, items, n, lsn=n, archive_code=small, retention_code="Y30") for n in range(1, 6)]
+    assert applier.apply_batch(batch).applied == 5
+    numbered = (
+        "SELECT volume_no, item_no, archive_code FROM arc_item WHERE fonds_code = %s ORDER BY volume_no, item_no"
+    )
+    assert rows(archive, numbered, items) == [
+        (v, i, f"{items}-KJ·2026·Y30-{v:04d}-{i:04d}") for v, i in [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1)]
+    ]
+    # the default volume holds 9,999 items (4-digit item numbers): the 10,000th opens volume 2
+    fonds = f"{items}B"
+    archive.execute(
+        "INSERT INTO arc_code_sequence (fonds_code, class_code, fiscal_year, next_item_no)"
+        " VALUES (%s, 'KJ', 2026, 9999)",
+        (fonds,),
+    )
+    full = [
+        item_cmd(cmds, items, n, lsn=n, fonds_code=fonds, archive_code=allocate(fonds), retention_code="Y30")
+        for n in (6, 7)
+    ]
+    assert applier.apply_batch(full).applied == 2
+    assert rows(archive, numbered, fonds) == [
+        (1, 9999, f"{fonds}-KJ·2026·Y30-0001-9999"),
+        (2, 1, f"{fonds}-KJ·2026·Y30-0002-0001"),
+    ]
+    sequence = "SELECT volume_no, next_item_no FROM arc_code_sequence WHERE fonds_code = %s"
+    assert rows(archive, sequence, fonds) == [(2, 2)]
+    # a volume size out of range is the command's error, not the database's
+    zero = {"$allocate": {**allocate(items)["$allocate"], "items_per_volume": 0}}
+    bad = item_cmd(cmds, items, 8, lsn=8, archive_code=zero)
+    assert "items_per_volume 0 is not an integer from 1 to 9999" in applier.apply_batch([bad]).failed[0][1]
+
+
 def test_writeback_to_oa_form_respects_ownership(
     make_applier: Callable[..., Applier], unique: str, oa: psycopg.Connection[Any]
 ) -> None:

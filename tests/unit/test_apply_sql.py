@@ -39,16 +39,28 @@ def test_statement_shapes_tell_apart_what_changes_the_sql_text_only() -> None:
 
 
 def test_computed_values_read_their_from_items_once_each() -> None:
-    number = q.NextItemNo("next_archive_code", ("F1", "KJ", 2026))
+    number = q.NextItemNo("next_archive_code", ("F1", "KJ", 2026, 9999))
     code = q.Computed(("code",), sql.SQL("n"), (), number)
     item_no = q.Computed(("no",), sql.SQL("n"), (), number)
     assert q.sources([code, "plain", item_no]) == [number]
     assert text(q.from_clause([number])) == (
-        ' FROM (SELECT arc_next_item_no(%s::text, %s::text, %s::integer) AS n) "next_archive_code"'
+        " FROM (SELECT arc_next_volume_item(%s::text, %s::text, %s::integer, %s::integer) AS n)"
+        ' "next_archive_code"'
     )
     assert text(q.from_clause([])) == ""
+
+
+def test_a_number_drawn_on_a_condition_calls_the_function_in_the_select_list() -> None:
+    # in FROM, the function would run (and use up a number) before the WHERE clause is checked
+    number = q.NextItemNo("next_code", ("F1", "KJ", 2026, 10))
+    assert text(number.from_item(sql.SQL("false"))) == (
+        '(SELECT arc_next_volume_item(%s::text, %s::text, %s::integer, %s::integer) AS n WHERE false) "next_code"'
+    )
+    assert text(number.volume()) == '"next_code".n[1]'
+    assert text(number.item()) == '"next_code".n[2]'
 
 
 def test_archival_code_format() -> None:
     assert q.archival_code("F001", "KJ", 2026, "Y30", 1, 7) == "F001-KJ·2026·Y30-0001-0007"
     assert q.archival_code("", "KJ", 2026, "Y10", 2, 12345) == "KJ·2026·Y10-0002-12345"
+    assert q.archival_code_prefix("F001", "KJ", 2026, "Y30") == "F001-KJ·2026·Y30-"

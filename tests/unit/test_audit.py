@@ -204,3 +204,16 @@ def test_a_replayed_row_that_changed_nothing_keeps_the_row_whole() -> None:
     update = audit.change_fact("item:1", change("u", filed, 300, 3000), row, filed)
     at = audit.state_at(chained([first, again, update]), 3500)["oa.public.oa_form"]['{"id":1}']
     assert at == filed
+
+
+def test_item_number_gaps_are_found_per_volume_and_missing_volumes_too() -> None:
+    from processors.audit_report import item_number_gaps
+
+    assert item_number_gaps([("F1", "KJ", 2026, 1, [1, 2, 3]), ("F1", "KJ", 2026, 2, [1])]) == []
+    assert item_number_gaps(
+        [
+            ("F1", "KJ", 2026, 1, [3, 1]),  # item 2 missing
+            ("F1", "KJ", 2026, 3, [1]),  # volume 2 missing
+            ("F2", "KJ", 2026, 1, [1, 2]),
+        ]
+    ) == ["F1/KJ/2026: missing volumes [2]; volume 1 missing item numbers [2]"]

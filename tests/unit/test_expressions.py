@@ -75,11 +75,21 @@ def ev(text: str, ctx: dict[str, Any] | None = None) -> Any:
             "allocate_code('F001', 'KJ', '2026-05-01', 'Y30')",
             {"$allocate": {"fonds": "F001", "class": "KJ", "year": 2026, "retention": "Y30"}},
         ),
+        (
+            "allocate_code('F001', 'KJ', 2026, 'Y30', 200)",
+            {"$allocate": {"fonds": "F001", "class": "KJ", "year": 2026, "retention": "Y30", "items_per_volume": 200}},
+        ),
         ("{'a': root.id, 'b': [1, 2]}", {"a": 7, "b": [1, 2]}),
     ],
 )
 def test_evaluates(text: str, expected: Any) -> None:
     assert ev(text) == expected
+
+
+@pytest.mark.parametrize("size", ["0", "10000", "'200'", "2.5", "True"])
+def test_allocate_code_refuses_a_volume_size_that_is_not_1_to_9999(size: str) -> None:
+    with pytest.raises(ExpressionError, match="items_per_volume must be an integer from 1 to 9999"):
+        ev(f"allocate_code('F001', 'KJ', 2026, 'Y30', {size})")
 
 
 def test_changed_is_true_without_before_and_false_without_root() -> None:

@@ -388,3 +388,12 @@ def test_business_events_are_append_only() -> None:
     assert function
     body = next(s for s in statements if re.search(rf"FUNCTION\s+{function.group(1)}\s*\(", s) and "$" in s)
     assert "RAISE EXCEPTION" in body.upper()
+
+
+def test_archive_items_are_numbered_per_volume() -> None:
+    text = (ROOT / "schemas" / "sql" / "archive" / "002_volumes.sql").read_text(encoding="utf-8")
+    statements = split_statements(text)
+    index = next(s for s in statements if "arc_item_volume_item_key" in s and "CREATE" in s)
+    assert re.search(r"fiscal_year\s*,\s*coalesce\(volume_no, 1\)\s*,\s*item_no", index)
+    assert any(re.fullmatch(r"DROP INDEX IF EXISTS arc_item_number_key;?", s.strip()) for s in statements)
+    assert any("FUNCTION arc_next_volume_item" in s for s in statements)

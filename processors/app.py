@@ -51,7 +51,7 @@ from processors.model import ApplyCommand, Change, Conflict, kept
 from processors.normalise import normalise
 from processors.record_producer import EXIT_AGENT_CRASHED, OutputTopic, WorkerApp
 from processors.recovery_watch import RecoveryWatch, recovery_stall_seconds
-from processors.state_store import memory_budget, store_url
+from processors.state_store import memory_budget, raw_reader, store_url
 from processors.sync_modes import operations_topics
 from processors.worker_consumer import fetch_waits
 from schemas.codec import ChangeEventCodec
@@ -279,6 +279,7 @@ def create_app(
     aggregates = app.Table("aggregates", default=None, partitions=partitions, key_type=bytes, value_type=bytes)
     # its changelog records wait until the records derived from the same events are in Kafka
     app.defer_changelog(aggregates)
+    read_aggregate = raw_reader(aggregates)
     codec = ChangeEventCodec()
 
     async def captured_change(event: faust.EventT) -> Change | None:
@@ -301,7 +302,7 @@ def create_app(
         started = time.perf_counter()
         # the table holds the state's JSON bytes (what its changelog carries), so a state restored
         # from Kafka after a restart or rebalance is the same as one kept in memory
-        stored = aggregates.get(key_bytes)
+        stored = read_aggregate(key_bytes)
         state = AggregateState.from_json(stored) if stored else new_state()
         if not apply_change(state, change) and not is_replay_of_latest(state, change):
             metrics.child(metrics.DEDUPE_HITS, duplicate_kind(state, change)).inc()  # seen again, or older

@@ -36,6 +36,7 @@ from connectors.kafka_admin import TopicSpec
 from processors import audit
 from processors.model import ApplyCommand, Change, kept
 from processors.record_producer import WorkerApp
+from processors.state_store import raw_reader
 from topology.audit_config import audit_config
 from topology.flows import aggregate_partition
 from topology.model import Topology
@@ -322,6 +323,7 @@ def register_audit(app: faust.App, topology: Topology, settings: Any, *, agent: 
     chains._changelog_topic_name = lambda: chains_changelog_topic(topology)  # type: ignore[method-assign]
     if isinstance(app, WorkerApp):  # a chain head is never ahead of the audit records it chains
         app.defer_changelog(chains)
+    read_chain = raw_reader(chains)
     key = audit.audit_key()
     gauges = ChainGauges()
 
@@ -357,7 +359,7 @@ def register_audit(app: faust.App, topology: Topology, settings: Any, *, agent: 
                 continue
             for aggregate, aggregate_facts in group_facts(facts).items():  # each aggregate's in order
                 table_key = kept(orjson.dumps(aggregate))
-                stored = chains.get(table_key)
+                stored = read_chain(table_key)
                 state = audit.ChainState.from_dict(orjson.loads(stored) if stored else None)
                 seq = state.seq
                 for one in aggregate_facts:

@@ -12,7 +12,7 @@ import pytest
 from faust.types import TP
 
 from archsync.errors import ConfigError
-from processors.state_store import DiskStore, memory_budget, store_url
+from processors.state_store import DiskStore, memory_budget, raw_reader, store_url
 
 
 def new_store(tmp_path: Path, budget: int = 1 << 20) -> DiskStore:
@@ -93,3 +93,18 @@ def test_iteration_goes_through_a_big_table_in_chunks(tmp_path: Path, monkeypatc
     assert dict(items)[b"k03"] == b"hot" and dict(items)[b"k49"] == b"v49"
     assert list(store.keys()) == [k for k, _ in items]
     assert len(list(store.values())) == 50
+
+
+@pytest.mark.parametrize("kind", ["disk", "memory"])
+def test_raw_reader_reads_like_table_get(tmp_path: Path, kind: str) -> None:
+    app = faust.App(
+        "t-reader", broker="kafka://localhost:1", store=store_url({"ARCHSYNC_STATE_STORE": kind}),
+        datadir=str(tmp_path), autodiscover=False,
+    )  # fmt: skip
+    table = app.Table("aggregates", default=None, partitions=4, key_type=bytes, value_type=bytes)
+    read = raw_reader(table)
+    table.data[b"k"] = b"v"
+    assert read(b"k") == table.get(b"k") == b"v"
+    assert read(b"absent") is table.get(b"absent") is None
+    assert isinstance(table.data, DiskStore) == (kind == "disk")
+

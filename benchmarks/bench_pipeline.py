@@ -58,8 +58,8 @@ def write_forms(p: Pipeline, tag: str, start: int, count: int) -> None:
     run tag: with only its first 4 hex digits, a run shared the numbering of an earlier run with
     the same digits (their numbers are never given back) and ran past 9,999 (seen twice in 28 runs)."""
     nos = [f"B-{tag}-{i:07d}" for i in range(start, start + count)]
-    p.sql(
-        "oa",
+    oa = p.session("oa")  # the OA application's connection (one, kept: not one per statement)
+    oa.execute(
         "WITH f AS (INSERT INTO oa_form (form_no, form_type, status, amount, fonds_code, title, fiscal_year,"
         " fiscal_month) SELECT n, 'EXPENSE', 'SUBMITTED', 100.25, %s, 'bench', 2026, 11 FROM unnest(%s::text[]) n"
         " RETURNING id, form_no), a AS (INSERT INTO oa_attachment (form_id, kind, file_name, size_bytes, sha256)"
@@ -67,13 +67,15 @@ def write_forms(p: Pipeline, tag: str, start: int, count: int) -> None:
         " INSERT INTO oa_approval_record (form_id, approver, node, action) SELECT id, 'bench', 'x', 'APPROVE' FROM f",
         (f"BF{tag}-{start // 9000}", nos),
     )
-    p.sql(
-        "oa", "UPDATE oa_form SET status = 'APPROVED', approved_at = clock_timestamp() WHERE form_no = ANY(%s)", (nos,)
+    oa.execute(
+        "UPDATE oa_form SET status = 'APPROVED', approved_at = clock_timestamp() WHERE form_no = ANY(%s)", (nos,)
     )
 
 
 def items_done(p: Pipeline, tag: str) -> int:
-    return int(p.sql("archive", "SELECT count(*) FROM arc_item WHERE source_ref LIKE %s", (f"B-{tag}-%",))[0][0])
+    """Archive items of the run so far (polled 5 times a second: on a kept connection)."""
+    row = p.session("archive").execute("SELECT count(*) FROM arc_item WHERE source_ref LIKE %s", (f"B-{tag}-%",))
+    return int(row.fetchone()[0])
 
 
 def rss_peak(pid: int) -> int:

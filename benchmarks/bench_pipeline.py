@@ -148,6 +148,10 @@ def steady_phase(p: Pipeline, tag: str, rate: int, seconds: float) -> dict[str, 
     progress(f"steady phase: {rate} row changes/s ({forms_per_tick:g} forms every 100 ms) for {seconds:.0f} s")
     written = 0
     owed = 0.0
+    # CPU per row change by process: at a steady rate batches are small and cost more per row than
+    # in a burst; a client that connects per statement shows here (2026-12-02: the writer did)
+    budget = CpuBudget(cpu_groups(p))
+    budget.start()
     machine0 = machine_ticks()
     stop_at = time.monotonic() + seconds
     next_tick = time.monotonic()
@@ -163,6 +167,7 @@ def steady_phase(p: Pipeline, tag: str, rate: int, seconds: float) -> dict[str, 
     actual_rate = written * CHANGES_PER_FORM / seconds
     p.wait_for(lambda: items_done(p, tag) >= written, 600, "the steady phase to drain")
     steal = steal_percent(machine0, machine_ticks())
+    per_row = budget.stop(written * CHANGES_PER_FORM)
     lat = [
         float(r[0])
         for r in p.sql(
@@ -187,12 +192,14 @@ def steady_phase(p: Pipeline, tag: str, rate: int, seconds: float) -> dict[str, 
     progress(
         f"steady: p50 {pct(50)} ms, p95 {pct(95)} ms, p99 {pct(99)} ms over {len(latencies)} forms (steal {steal}%)"
     )
+    progress("CPU ms per row change: " + ", ".join(f"{k} {v}" for k, v in per_row.items()))
     return {
         "steady_target_rate": rate,
         "steady_actual_rate": round(actual_rate),
         "steady_forms": len(latencies),
         "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99), "max": round(latencies[-1] * 1000, 1)},
         "steal_percent": steal,
+        "cpu_ms_per_row_change_by_process": per_row,
     }
 
 
@@ -289,6 +296,7 @@ def sweep(settings: Any) -> dict[str, object]:
             "actual_rate": steady["steady_actual_rate"],
             **latency,
             "steal_percent": steady["steal_percent"],
+            "cpu_ms_per_row_change_by_process": steady["cpu_ms_per_row_change_by_process"],
         }
         if latency["p99"] < P99_TARGET_MS:
             best = max(best, int(steady["steady_actual_rate"]))  # type: ignore[call-overload]

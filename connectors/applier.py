@@ -66,6 +66,7 @@ from connectors import apply_sql as q
 from connectors.apply_sql import CommandError, TargetTable
 from connectors.pgoutput import lsn_to_str, str_to_lsn
 from connectors.postgres import connect, first_line, numbered_placeholders
+from processors import domain
 from processors.model import ApplyCommand, Change, Conflict, json_default, to_jsonable
 
 if TYPE_CHECKING:
@@ -945,10 +946,10 @@ class Applier:
             year = int(spec["year"])
         except (TypeError, ValueError):
             raise CommandError(f"$allocate year {spec['year']!r} is not an integer") from None
-        per_volume = spec.get("items_per_volume", q.MAX_ITEMS_PER_VOLUME)
-        if type(per_volume) is not int or not 1 <= per_volume <= q.MAX_ITEMS_PER_VOLUME:
+        per_volume = spec.get("items_per_volume", domain.MAX_CODE_NUMBER)
+        if type(per_volume) is not int or not 1 <= per_volume <= domain.MAX_CODE_NUMBER:
             raise CommandError(
-                f"$allocate items_per_volume {per_volume!r} is not an integer from 1 to {q.MAX_ITEMS_PER_VOLUME}"
+                f"$allocate items_per_volume {per_volume!r} is not an integer from 1 to {domain.MAX_CODE_NUMBER}"
             )
         number = q.NextItemNo(f"next_{column}", (fonds, str(spec["class"]), year, per_volume))
         prefix = q.archival_code_prefix(fonds, str(spec["class"]), year, str(spec["retention"]))

@@ -13,6 +13,7 @@ from typing import Any
 from psycopg import sql
 
 from archsync.errors import ArchsyncError
+from processors import domain
 
 # The applier's statements are point reads and writes by key, prepared once per connection
 # (psycopg prepares a statement shape after 5 runs) and kept with their first generic plan. A plan
@@ -116,9 +117,9 @@ class NextItemNo:
         """The FROM item; with ``when``, a number is drawn only if that holds (else no row). The
         function is called in a select list, not as a FROM function: a FROM function would run
         (and allocate) before the WHERE clause is checked."""
-        return sql.SQL(
-            "(SELECT arc_next_volume_item(%s::text, %s::text, %s::integer, %s::integer) AS n{}) {}"
-        ).format(sql.SQL(" WHERE {}").format(when) if when is not None else sql.SQL(""), sql.Identifier(self.alias))
+        return sql.SQL("(SELECT arc_next_volume_item(%s::text, %s::text, %s::integer, %s::integer) AS n{}) {}").format(
+            sql.SQL(" WHERE {}").format(when) if when is not None else sql.SQL(""), sql.Identifier(self.alias)
+        )
 
     def volume(self) -> sql.Composable:
         return sql.SQL("{}.n[1]").format(sql.Identifier(self.alias))
@@ -185,22 +186,14 @@ def from_clause(sources: list[NextItemNo]) -> sql.Composable:
     return sql.SQL(" FROM ") + sql.SQL(", ").join(s.from_item() for s in sources)
 
 
-MAX_ITEMS_PER_VOLUME = 9999  # 4-digit item numbers
-
-
-def archival_code(fonds: str | None, class_code: str, year: int, retention: str, volume: int, item: int) -> str:
-    """``<fonds>-<class>·<year>·<retention>-<volume:04d>-<item:04d>`` (no fonds prefix when empty)."""
-    return f"{archival_code_prefix(fonds, class_code, year, retention)}{volume:04d}-{item:04d}"
-
-
 def archival_code_prefix(fonds: str | None, class_code: str, year: int, retention: str) -> str:
-    """An archival code up to its volume number (see :func:`archival_code`)."""
-    prefix = f"{fonds}-" if fonds else ""
-    return f"{prefix}{class_code}·{year}·{retention}-"
+    """The code an ``$allocate`` writes, up to its volume number: ``[fonds-]class·year·retention-``
+    (:func:`processors.domain.format_archive_code` without the numbers)."""
+    return domain.archive_code_prefix(fonds, [class_code, str(year), retention])
 
 
 # the archival code the target writes: the prefix parameter, then the drawn volume ({0}) and item
-# ({1}) numbers, 4 digits at least (as ``archival_code`` formats them)
+# ({1}) numbers, 4 digits at least (as ``format_archive_code`` formats them)
 CODE_SQL = (
     "%s::text || lpad({0}::text, greatest(4, length({0}::text)), '0')"
     " || '-' || lpad({1}::text, greatest(4, length({1}::text)), '0')"

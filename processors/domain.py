@@ -112,6 +112,17 @@ def expiry_date(category_or_code: str, fiscal_year: Any) -> date | None:
     return date(year + years, 12, 31)
 
 
+#: the highest volume and item number of an archival code (4 digits each)
+MAX_CODE_NUMBER = 9999
+
+
+def archive_code_prefix(fonds: str | None, class_levels: list[str]) -> str:
+    """An archival code up to its volume number, ``[fonds-]class·levels-`` (not checked: the
+    applier writes what the topology names, see :func:`format_archive_code` for the checks)."""
+    head = f"{fonds}-" if fonds else ""
+    return f"{head}{'·'.join(str(level) for level in class_levels)}-"
+
+
 def format_archive_code(fonds: str | None, class_levels: list[str], volume: int, item: int) -> str:
     """``[fonds-]class-volume-item``: class levels joined by ``·``, volume/item 4-digit zero-padded.
 
@@ -125,10 +136,9 @@ def format_archive_code(fonds: str | None, class_levels: list[str], volume: int,
         if not CODE_PART.match(part):
             raise DomainError(f"archival code part {part!r} must be letters, digits or _")
     for name, number in (("volume", volume), ("item", item)):
-        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 9999:
-            raise DomainError(f"archival code {name} must be 1..9999, got {number!r}")
-    head = f"{fonds}-" if fonds else ""
-    return f"{head}{'·'.join(parts)}-{volume:04d}-{item:04d}"
+        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_CODE_NUMBER:
+            raise DomainError(f"archival code {name} must be 1..{MAX_CODE_NUMBER}, got {number!r}")
+    return f"{archive_code_prefix(fonds, parts)}{volume:04d}-{item:04d}"
 
 
 def parse_archive_code(code: str) -> tuple[str | None, list[str], int, int]:

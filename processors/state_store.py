@@ -285,4 +285,3 @@ def raw_reader(table: Any) -> Callable[[bytes], bytes | None]:
         return read(key)
 
     return get
-

@@ -84,15 +84,12 @@ def _lookup(table: str, column: str, **where: Any) -> dict[str, Any]:
     return {"$lookup": {"table": table, "column": column, "where": where}}
 
 
-MAX_ITEMS_PER_VOLUME = 9999  # archival item numbers have 4 digits
-
-
 def _allocate(fonds: Any, klass: Any, year: Any, retention: Any, items_per_volume: Any = None) -> dict[str, Any]:
     spec = {"fonds": fonds, "class": klass, "year": _year(year), "retention": retention}
     if items_per_volume is not None:
-        if type(items_per_volume) is not int or not 1 <= items_per_volume <= MAX_ITEMS_PER_VOLUME:
+        if type(items_per_volume) is not int or not 1 <= items_per_volume <= domain.MAX_CODE_NUMBER:
             raise ExpressionError(
-                f"allocate_code(): items_per_volume must be an integer from 1 to {MAX_ITEMS_PER_VOLUME},"
+                f"allocate_code(): items_per_volume must be an integer from 1 to {domain.MAX_CODE_NUMBER},"
                 f" got {items_per_volume!r}"
             )
         spec["items_per_volume"] = items_per_volume

@@ -5,6 +5,7 @@ from __future__ import annotations
 from psycopg import sql
 
 from connectors import apply_sql as q
+from processors.domain import format_archive_code
 
 ITEM = q.TargetTable(
     "public.arc_item",
@@ -44,8 +45,7 @@ def test_computed_values_read_their_from_items_once_each() -> None:
     item_no = q.Computed(("no",), sql.SQL("n"), (), number)
     assert q.sources([code, "plain", item_no]) == [number]
     assert text(q.from_clause([number])) == (
-        " FROM (SELECT arc_next_volume_item(%s::text, %s::text, %s::integer, %s::integer) AS n)"
-        ' "next_archive_code"'
+        ' FROM (SELECT arc_next_volume_item(%s::text, %s::text, %s::integer, %s::integer) AS n) "next_archive_code"'
     )
     assert text(q.from_clause([])) == ""
 
@@ -60,7 +60,10 @@ def test_a_number_drawn_on_a_condition_calls_the_function_in_the_select_list() -
     assert text(number.item()) == '"next_code".n[2]'
 
 
-def test_archival_code_format() -> None:
-    assert q.archival_code("F001", "KJ", 2026, "Y30", 1, 7) == "F001-KJ·2026·Y30-0001-0007"
-    assert q.archival_code("", "KJ", 2026, "Y10", 2, 12345) == "KJ·2026·Y10-0002-12345"
+def test_the_allocated_code_is_the_domain_format() -> None:
+    # the target appends the 4-digit volume and item to this prefix (CODE_SQL)
     assert q.archival_code_prefix("F001", "KJ", 2026, "Y30") == "F001-KJ·2026·Y30-"
+    assert q.archival_code_prefix("F001", "KJ", 2026, "Y30") + "0001-0007" == format_archive_code(
+        "F001", ["KJ", "2026", "Y30"], 1, 7
+    )
+    assert q.archival_code_prefix(None, "KJ", 2026, "Y10") == "KJ·2026·Y10-"

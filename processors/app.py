@@ -53,7 +53,7 @@ from processors.record_producer import EXIT_AGENT_CRASHED, OutputTopic, WorkerAp
 from processors.recovery_watch import RecoveryWatch, recovery_stall_seconds
 from processors.state_store import memory_budget, raw_reader, store_url
 from processors.sync_modes import operations_topics
-from processors.worker_consumer import fetch_waits
+from processors.worker_consumer import fetch_tuning
 from schemas.codec import ChangeEventCodec
 from topology.flows import aggregate_message_key, aggregate_partition
 from topology.model import Topology
@@ -468,7 +468,7 @@ def run_worker(topology: Topology, settings: Settings, loglevel: str = "warn", r
     ``pipeline`` (all but the audit agent) or ``audit`` (the audit agent alone)."""
     if role not in WORKER_ROLES:
         raise ValueError(f"unknown worker role {role!r} (expected one of {', '.join(WORKER_ROLES)})")
-    fetch_waits()  # tuning settings checked before the worker starts (a clear error, not a crash)
+    fetch_tuning()  # tuning settings checked before the worker starts (a clear error, not a crash)
     recovery_stall_seconds()
     store_url()
     memory_budget()

@@ -2,6 +2,8 @@
 
 import contextlib
 
+import pytest
+
 from processors.consumer_watch import Progress, watch_step
 
 
@@ -166,3 +168,21 @@ def test_a_hand_over_that_waits_finishes_in_a_task_or_is_cancelled() -> None:
         assert cancelled == [True] and task.cancelled()
 
     asyncio.run(main())
+
+
+def test_fetch_tuning_waits_for_bytes_only_while_keeping_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    from archsync.errors import ConfigError
+    from processors.worker_consumer import FETCH_MAX_WAIT_BUSY_MS, FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES, fetch_tuning
+
+    for name in ("ARCHSYNC_FETCH_MAX_WAIT_MS", "ARCHSYNC_FETCH_MIN_BYTES", "ARCHSYNC_FETCH_MAX_WAIT_BUSY_MS"):
+        monkeypatch.delenv(name, raising=False)
+    tuning = fetch_tuning()
+    assert tuning.for_state(busy=False) == (FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES)
+    # behind: the first record returns a fetch (a large minimum would hold a nearly drained partition)
+    assert tuning.for_state(busy=True) == (FETCH_MAX_WAIT_BUSY_MS, 1)
+    monkeypatch.setenv("ARCHSYNC_FETCH_MIN_BYTES", "1")
+    monkeypatch.setenv("ARCHSYNC_FETCH_MAX_WAIT_MS", "100")
+    assert fetch_tuning().for_state(busy=False) == (100, 1)
+    monkeypatch.setenv("ARCHSYNC_FETCH_MIN_BYTES", "lots")
+    with pytest.raises(ConfigError, match="ARCHSYNC_FETCH_MIN_BYTES"):
+        fetch_tuning()

@@ -172,7 +172,13 @@ def test_a_hand_over_that_waits_finishes_in_a_task_or_is_cancelled() -> None:
 
 def test_fetch_tuning_waits_for_bytes_only_while_keeping_up(monkeypatch: pytest.MonkeyPatch) -> None:
     from archsync.errors import ConfigError
-    from processors.worker_consumer import FETCH_MAX_WAIT_BUSY_MS, FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES, fetch_tuning
+    from processors.worker_consumer import (
+        FETCH_MAX_WAIT_BUSY_MS,
+        FETCH_MAX_WAIT_IDLE_MS,
+        FETCH_MAX_WAIT_MS,
+        FETCH_MIN_BYTES,
+        fetch_tuning,
+    )
 
     for name in ("ARCHSYNC_FETCH_MAX_WAIT_MS", "ARCHSYNC_FETCH_MIN_BYTES", "ARCHSYNC_FETCH_MAX_WAIT_BUSY_MS"):
         monkeypatch.delenv(name, raising=False)
@@ -180,6 +186,9 @@ def test_fetch_tuning_waits_for_bytes_only_while_keeping_up(monkeypatch: pytest.
     assert tuning.for_state(busy=False) == (FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES)
     # behind: the first record returns a fetch (a large minimum would hold a nearly drained partition)
     assert tuning.for_state(busy=True) == (FETCH_MAX_WAIT_BUSY_MS, 1)
+    assert tuning.for_state(busy=True, idle=True) == (FETCH_MAX_WAIT_BUSY_MS, 1)
+    # idle: the first record returns a fetch (no 40 empty fetches a second)
+    assert tuning.for_state(busy=False, idle=True) == (FETCH_MAX_WAIT_IDLE_MS, 1)
     monkeypatch.setenv("ARCHSYNC_FETCH_MIN_BYTES", "1")
     monkeypatch.setenv("ARCHSYNC_FETCH_MAX_WAIT_MS", "100")
     assert fetch_tuning().for_state(busy=False) == (100, 1)

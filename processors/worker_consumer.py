@@ -36,6 +36,7 @@ dedupe, position guards, deterministic audit ids).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Generator, Mapping
 from typing import Any, NamedTuple, cast
@@ -47,6 +48,7 @@ from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from faust.types import TP, Message
 
 from archsync.settings import env_int
+from processors.worker_conductor import WorkerConductor
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +275,7 @@ class WorkerConsumer(AIOKafkaConsumer):
         self._held_generation: int | None = None
         self._fetch_tuning = fetch_tuning()
         self._idle = True  # the last getmany brought no records
+        self._beside_commit: asyncio.Future[None] | None = None  # the delivery loop's commit
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return WorkerConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -357,7 +360,6 @@ class WorkerConsumer(AIOKafkaConsumer):
                         waiting = held[tp] = []
                     waiting.append(record)
                 elif active_partitions is None or tp in active_partitions or tp in self._buffered_partitions:
-                    self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
                     delivered[tp] = delivered.get(tp, 0) + 1
                     handed += 1
                     yield tp, to_message(tp, record)
@@ -367,6 +369,12 @@ class WorkerConsumer(AIOKafkaConsumer):
                     reason = "partition not active"
         else:
             reason = "flow not active"
+        # Faust's monitor learns each partition's end offset once per call, not once per record
+        # (the highwater lookup was 4% of the delivery loop)
+        track_end_offset = self.app.monitor.track_tp_end_offset
+        for tp in delivered:
+            with contextlib.suppress(Exception):  # revoked meanwhile: nothing to track
+                track_end_offset(tp, self.highwater(tp))
         if held and not reason.startswith(("flow", "generation")):
             self._held, self._held_generation = held, generation_id
             for tp, waiting in held.items():
@@ -409,7 +417,7 @@ class WorkerConsumer(AIOKafkaConsumer):
                             # (Faust's gap tracking here is gone: this consumer has no gaps, _add_gap)
                             if commit_every is not None and self._n_acked >= commit_every:
                                 self._n_acked = 0
-                                await self.commit()
+                                self._commit_beside()
                             rest = run_until_suspended(callback(message))
                             if rest is not None:
                                 await self.wait_first(rest, self.suspend_flow.wait())
@@ -430,6 +438,24 @@ class WorkerConsumer(AIOKafkaConsumer):
             raise
         finally:
             unset_flag(CONSUMER_FETCHING)
+
+    def _commit_beside(self) -> None:
+        """Commit in a task of its own, beside the delivery loop (Faust awaited it in the loop: no
+        record was handed on while the records produced so far were waited for, or while the
+        timer's commit ran, which the loop's commit waits for). One such commit at a time."""
+        task = self._beside_commit
+        if task is not None and not task.done():
+            return
+        self._beside_commit = asyncio.ensure_future(self._commit_logged())
+
+    async def _commit_logged(self) -> None:
+        try:
+            await self.commit()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # as when the loop awaited it: the consumer crashes (the worker stops)
+            log.exception("commit beside the delivery loop failed")
+            await self.crash(exc)
 
     def _new_offset(self, tp: TP) -> int | None:
         acked = self._acked[tp]
@@ -484,6 +510,8 @@ class WorkerConsumer(AIOKafkaConsumer):
 
 
 class WorkerTransport(AIOKafkaTransport):
-    """Faust's aiokafka transport with :class:`WorkerConsumer`."""
+    """Faust's aiokafka transport with :class:`WorkerConsumer` and the lean record handler of
+    :class:`~processors.worker_conductor.WorkerConductor`."""
 
     Consumer = WorkerConsumer
+    Conductor = WorkerConductor

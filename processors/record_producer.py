@@ -243,14 +243,21 @@ class DeferredChangelog:
         """The held records as (changelog topic, partition, key bytes, value bytes or None)."""
         held, self._held = self._held, {}
         self.sent += len(held)
-        out = []
-        for (_, partition, _), (table, key, value, ks, vs) in held.items():
-            topic = table.changelog_topic
-            key_bytes, _ = topic.prepare_key(key, ks if ks is not None else table.key_serializer)
-            value_bytes = None
-            if value is not None:
-                value_bytes, _ = topic.prepare_value(value, vs if vs is not None else table.value_serializer)
-            out.append((topic.get_topic_name(), partition, key_bytes, value_bytes))
+        out: list[tuple[str, int, bytes | None, bytes | None]] = []
+        names: dict[int, str] = {}
+        for (table_id, partition, _), (table, key, value, ks, vs) in held.items():
+            name = names.get(table_id)
+            if name is None:
+                name = names[table_id] = table.changelog_topic.get_topic_name()
+            # bytes go out as they are (Faust's serializers pass bytes through unchanged)
+            key_bytes: bytes | None = key if isinstance(key, bytes) else None
+            if key_bytes is None:
+                key_bytes, _ = table.changelog_topic.prepare_key(key, ks if ks is not None else table.key_serializer)
+            value_bytes: bytes | None = value if isinstance(value, bytes) else None
+            if value_bytes is None and value is not None:
+                serializer = vs if vs is not None else table.value_serializer
+                value_bytes, _ = table.changelog_topic.prepare_value(value, serializer)
+            out.append((name, partition, key_bytes, value_bytes))
         return out
 
 

@@ -88,3 +88,39 @@ def test_a_full_buffer_or_a_suspended_flow_takes_faust_s_path() -> None:
         assert full.queue.qsize() == 0 and len(fallen_back) == 2
 
     asyncio.run(run())
+
+
+def test_the_delivery_loop_commits_beside_itself_one_commit_at_a_time() -> None:
+    from processors.worker_consumer import WorkerConsumer
+
+    async def run() -> None:
+        consumer = object.__new__(WorkerConsumer)  # no Kafka: only the commit scheduling is used
+        consumer._beside_commit = None
+        release = asyncio.Event()
+        calls: list[int] = []
+        crashed: list[BaseException] = []
+
+        async def commit() -> bool:
+            calls.append(1)
+            await release.wait()
+            if len(calls) == 2:
+                raise RuntimeError("a record was refused")
+            return True
+
+        async def crash(exc: BaseException) -> None:
+            crashed.append(exc)
+
+        consumer.commit = commit  # type: ignore[method-assign]
+        consumer.crash = crash  # type: ignore[method-assign]
+        consumer._commit_beside()
+        consumer._commit_beside()  # one is running: no second one
+        await asyncio.sleep(0)
+        assert calls == [1]
+        release.set()
+        assert consumer._beside_commit is not None
+        await consumer._beside_commit
+        consumer._commit_beside()  # the next one may start; it fails: the consumer crashes
+        await consumer._beside_commit
+        assert len(calls) == 2 and [str(e) for e in crashed] == ["a record was refused"]
+
+    asyncio.run(run())

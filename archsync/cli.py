@@ -334,6 +334,41 @@ def slots_drop(ctx: Context, source_name: str, yes: bool) -> None:
     record_admin_action(ctx, "slot_dropped", source=source_name, slot=source.slot, dropped=dropped)
 
 
+@cli.group()
+def volume() -> None:
+    """Archive volumes (案卷) of the reference archive schema."""
+
+
+@volume.command("close")
+@click.option("--fonds", "fonds_code", default="", show_default=True, help="Fonds code ('' for codes without one).")
+@click.option("--class", "class_code", required=True, help="Class code, e.g. KJ.")
+@click.option("--year", "fiscal_year", type=int, required=True, help="Fiscal year.")
+@click.option("--by", "closed_by", default=None, help="Who closes it (default: the OS user).")
+@pass_ctx
+def volume_close(ctx: Context, fonds_code: str, class_code: str, fiscal_year: int, closed_by: str | None) -> None:
+    """Close the current volume before it is full: the next item filed opens the next volume."""
+    import getpass
+
+    from connectors.postgres import connect
+    from connectors.volumes import close_volume
+
+    s = ctx.settings
+    who = closed_by or getpass.getuser()
+    with connect(s.dsn_for("archive"), s.dsn_setting("archive"), autocommit=True) as conn:
+        closed = close_volume(conn, fonds_code, class_code, fiscal_year, who)
+    where = f"{fonds_code or '(no fonds)'}/{class_code}/{fiscal_year}"
+    if closed is None:
+        click.echo(f"{where}: no volume with an item to close (nothing filed yet, or the current volume is empty)")
+        raise SystemExit(1)
+    click.echo(
+        f"{where}: volume {closed.volume_no} closed with {closed.item_count} item(s) by {closed.closed_by};"
+        f" the next item opens volume {closed.next_volume_no}"
+    )
+    detail = {"fonds": fonds_code, "class": class_code, "year": fiscal_year, "volume": closed.volume_no}
+    log.info("volume closed", extra={**detail, "items": closed.item_count, "admin_action": True})
+    record_admin_action(ctx, "volume_closed", **detail, items=closed.item_count, closed_by=closed.closed_by)
+
+
 cli.add_command(status_command)
 for _command in reconcile_commands:  # reconcile, release, notify (archsync/reconcile.py)
     cli.add_command(_command)

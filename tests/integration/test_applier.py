@@ -165,6 +165,7 @@ def items(archive: psycopg.Connection[Any], unique: str, cmds: Commands) -> Iter
         archive.execute("ALTER TABLE arc_business_event ENABLE TRIGGER arc_business_event_no_update")
     archive.execute("DELETE FROM arc_item WHERE source_ref LIKE %s", (like,))  # arc_file cascades
     archive.execute("DELETE FROM arc_code_sequence WHERE fonds_code LIKE %s", (like,))
+    archive.execute("DELETE FROM arc_volume_closure WHERE fonds_code LIKE %s", (like,))
     archive.execute("DELETE FROM archsync_apply_guard WHERE target_key LIKE %s", (f"%{prefix}%",))
     archive.execute("DELETE FROM archsync_applied_command WHERE command_id = ANY(%s)", (cmds.ids,))
 
@@ -548,6 +549,44 @@ def test_allocate_opens_the_next_volume_when_one_is_full(
     zero = {"$allocate": {**allocate(items)["$allocate"], "items_per_volume": 0}}
     bad = item_cmd(cmds, items, 8, lsn=8, archive_code=zero)
     assert "items_per_volume 0 is not an integer from 1 to 9999" in applier.apply_batch([bad]).failed[0][1]
+
+
+def test_a_volume_closed_by_hand_sends_the_next_item_to_the_next_volume(
+    make_applier: Callable[..., Applier], cmds: Commands, items: str, archive: psycopg.Connection[Any]
+) -> None:
+    from click.testing import CliRunner
+
+    from archsync.cli import cli
+    from connectors.volumes import close_volume
+
+    applier = make_applier()
+    numbered = "SELECT volume_no, item_no FROM arc_item WHERE fonds_code = %s ORDER BY volume_no, item_no"
+    # nothing filed yet: nothing to close
+    assert close_volume(archive, items, "KJ", 2026, "clerk") is None
+    first = [item_cmd(cmds, items, n, lsn=n, archive_code=allocate(items), retention_code="Y30") for n in (1, 2, 3)]
+    assert applier.apply_batch(first).applied == 3
+    closed = close_volume(archive, items, "KJ", 2026, "clerk Wang")
+    assert closed is not None and (closed.volume_no, closed.item_count, closed.next_volume_no) == (1, 3, 2)
+    # the next volume is empty: closing again closes nothing (no volume number is skipped)
+    assert close_volume(archive, items, "KJ", 2026, "clerk Wang") is None
+    more = [item_cmd(cmds, items, n, lsn=n, archive_code=allocate(items), retention_code="Y30") for n in (4, 5)]
+    assert applier.apply_batch(more).applied == 2
+    assert rows(archive, numbered, items) == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)]
+    code = "SELECT archive_code FROM arc_item WHERE source_ref = %s"
+    assert rows(archive, code, f"{items}-4") == [(f"{items}-KJ·2026·Y30-0002-0001",)]
+    # the CLI: the same, said on one line; exit 1 when there is nothing to close
+    result = CliRunner().invoke(
+        cli, ["volume", "close", "--fonds", items, "--class", "KJ", "--year", "2026", "--by", "clerk Li"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"{items}/KJ/2026: volume 2 closed with 2 item(s) by clerk Li; the next item opens volume 3" in result.output
+    again = CliRunner().invoke(cli, ["volume", "close", "--fonds", items, "--class", "KJ", "--year", "2026"])
+    assert again.exit_code == 1 and "no volume with an item to close" in again.output
+    closures = "SELECT volume_no, item_count, closed_by FROM arc_volume_closure WHERE fonds_code = %s ORDER BY 1"
+    assert rows(archive, closures, items) == [(1, 3, "clerk Wang"), (2, 2, "clerk Li")]
+    # a clerk must be named
+    with pytest.raises(psycopg.errors.RaiseException, match="who closes the volume"):
+        close_volume(archive, items, "KJ", 2026, " ")
 
 
 def test_writeback_to_oa_form_respects_ownership(

@@ -397,3 +397,13 @@ def test_archive_items_are_numbered_per_volume() -> None:
     assert re.search(r"fiscal_year\s*,\s*coalesce\(volume_no, 1\)\s*,\s*item_no", index)
     assert any(re.fullmatch(r"DROP INDEX IF EXISTS arc_item_number_key;?", s.strip()) for s in statements)
     assert any("FUNCTION arc_next_volume_item" in s for s in statements)
+
+
+def test_a_volume_closed_by_hand_is_recorded_and_never_skips_a_number() -> None:
+    text = (ROOT / "schemas" / "sql" / "archive" / "003_close_volume.sql").read_text(encoding="utf-8")
+    statements = split_statements(text)
+    assert any("CREATE TABLE IF NOT EXISTS arc_volume_closure" in s for s in statements)
+    body = next(s for s in statements if "FUNCTION arc_close_volume" in s)
+    assert "FOR UPDATE" in body  # the sequence's row lock, like arc_next_volume_item
+    assert re.search(r"items\s*<\s*1", body)  # an empty volume is not closed
+    assert "INSERT INTO arc_volume_closure" in body

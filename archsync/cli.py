@@ -171,13 +171,27 @@ def topology_show(ctx: Context) -> None:
 @click.option(
     "--worker-metrics-port", type=int, default=0, help="Serve the worker's metrics here (local Prometheus: 9403)."
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Workers sharing the partitions (one consumer group); metrics ports follow --worker-metrics-port.",
+)
 @pass_ctx
-def demo(ctx: Context, forms: int, metrics_port: int, worker_metrics_port: int) -> None:
+def demo(ctx: Context, forms: int, metrics_port: int, worker_metrics_port: int, workers: int) -> None:
     """The local demo: the whole pipeline, a simulated OA office and archive; exit 0 if both sides agree."""
     from archsync.demo import run_demo
 
     raise SystemExit(
-        run_demo(ctx.settings, ctx.topology(), forms, ctx.topology_path, (metrics_port, worker_metrics_port))
+        run_demo(
+            ctx.settings,
+            ctx.topology(),
+            forms,
+            ctx.topology_path,
+            (metrics_port, worker_metrics_port),
+            workers=workers,
+        )
     )
 
 

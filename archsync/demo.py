@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,9 @@ class Office:
             return cur.fetchall() if cur.description else []
 
 
-def _wait(what: str, predicate: Callable[[], tuple[int, int]], timeout: float, worker: subprocess.Popen[bytes]) -> bool:
+def _wait(
+    what: str, predicate: Callable[[], tuple[int, int]], timeout: float, workers: Sequence[subprocess.Popen[bytes]]
+) -> bool:
     """Wait until ``predicate`` returns (done, total) with done == total, printing progress."""
     deadline = time.monotonic() + timeout
     last = ""
@@ -63,9 +65,10 @@ def _wait(what: str, predicate: Callable[[], tuple[int, int]], timeout: float, w
         if done >= total:
             click.echo("")
             return True
-        if worker.poll() is not None:
-            click.echo("")
-            raise click.ClickException(f"the worker exited with code {worker.returncode}")
+        for worker in workers:
+            if worker.poll() is not None:
+                click.echo("")
+                raise click.ClickException(f"a worker (pid {worker.pid}) exited with code {worker.returncode}")
         if time.monotonic() > deadline:
             click.echo("  (timed out)")
             return False
@@ -121,7 +124,10 @@ def run_demo(
     forms: int,
     topology_path: str | None = None,
     metrics_ports: tuple[int, int] = (0, 0),
+    workers: int = 1,
 ) -> int:
+    if workers < 1:
+        raise click.BadParameter(f"--workers must be at least 1, got {workers}")
     if "ARCHSYNC_LOG_LEVEL" not in os.environ:  # keep the demo's screen readable
         logging.getLogger().setLevel(logging.WARNING)
     click.echo("archsync demo — OA ⇄ electronic accounting archive, through Kafka, on the local services")
@@ -154,8 +160,13 @@ def run_demo(
         cmd += ["--topology", topology_path]
     log_path = Path(os.environ.get("ARCHSYNC_DEMO_LOG", "/tmp/archsync-demo-worker.log"))
     offset = log_path.stat().st_size if log_path.exists() else 0
-    worker_args = ["--metrics-port", str(metrics_ports[1])] if metrics_ports[1] else []
-    worker = subprocess.Popen([*cmd, "worker", *worker_args], stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
+    procs: list[subprocess.Popen[bytes]] = []
+    for n in range(workers):  # one consumer group: the partitions are shared among them
+        # the first worker's metrics on the port given, the next ones' on the ports after it
+        worker_args = ["--metrics-port", str(metrics_ports[1] + n)] if metrics_ports[1] else []
+        procs.append(
+            subprocess.Popen([*cmd, "worker", *worker_args], stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
+        )
     try:
         deadline = time.monotonic() + 60
         while not all(s.stats.streaming for s in services.values()):
@@ -165,18 +176,24 @@ def run_demo(
         from processors.app import READY_LINE
 
         deadline = time.monotonic() + 120
-        while READY_LINE not in log_path.read_text(errors="replace")[offset:]:
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise click.ClickException(f"the worker did not become ready (see {log_path})")
+        # every worker says so at the end of each rebalance it takes part in: with workers joining
+        # one after another, the group is settled after 2n - 1 such lines (1 with one worker)
+        while log_path.read_text(errors="replace")[offset:].count(READY_LINE) < 2 * workers - 1:
+            if any(w.poll() is not None for w in procs) or time.monotonic() > deadline:
+                raise click.ClickException(f"the workers did not become ready (see {log_path})")
             time.sleep(0.2)
-        click.echo(f"  captures streaming ({', '.join(services)}), worker ready (pid {worker.pid}, log {log_path})")
-        return _simulate(office, settings, topology, forms, worker)
+        pids = ", ".join(str(w.pid) for w in procs)
+        who = f"worker ready (pid {pids}" if workers == 1 else f"{workers} workers ready (pids {pids}"
+        click.echo(f"  captures streaming ({', '.join(services)}), {who}, log {log_path})")
+        return _simulate(office, settings, topology, forms, procs)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for worker in procs:
+            worker.terminate()
+        for worker in procs:
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
         for s in services.values():
             s.stop()
         for th in threads:
@@ -184,7 +201,11 @@ def run_demo(
 
 
 def _simulate(
-    office: Office, settings: Settings, topology: Topology, forms: int, worker: subprocess.Popen[bytes]
+    office: Office,
+    settings: Settings,
+    topology: Topology,
+    forms: int,
+    workers: Sequence[subprocess.Popen[bytes]],
 ) -> int:
     rng = random.Random()
     tag = time.strftime("%m%d%H%M%S")
@@ -247,7 +268,7 @@ def _simulate(
         )
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
-    ok = _wait("approved forms archived", lambda: (len(items()), len(approved)), 120, worker)
+    ok = _wait("approved forms archived", lambda: (len(items()), len(approved)), 120, workers)
     archived = items()
     to_file = [no for no in approved if no in archived]
     failed_check = to_file[-1] if len(to_file) > 2 else None
@@ -274,7 +295,7 @@ def _simulate(
         done = sum(1 for no in to_file if state.get(no) == (current[no][1], current[no][2]))
         return done, len(to_file)
 
-    ok &= _wait("archival codes and status written back to OA", written_back, 120, worker)
+    ok &= _wait("archival codes and status written back to OA", written_back, 120, workers)
     revoked = filed[0] if filed else None
     if revoked:
         office.sql(
@@ -296,7 +317,7 @@ def _simulate(
                 1,
             ),
             60,
-            worker,
+            workers,
         )
     borrows = []
     for no in filed[1:3]:
@@ -317,7 +338,7 @@ def _simulate(
 
     if borrows:
         ok &= _wait(
-            "borrowing requests in the OA approvers' to-do lists", lambda: (len(tasks()), len(borrows)), 60, worker
+            "borrowing requests in the OA approvers' to-do lists", lambda: (len(tasks()), len(borrows)), 60, workers
         )
         for n, (task_id, _) in enumerate(tasks().values()):
             office.sql(
@@ -334,7 +355,7 @@ def _simulate(
             )
             return rows[0][0], len(borrows)
 
-        ok &= _wait("OA decisions back on the borrowing requests", decided, 60, worker)
+        ok &= _wait("OA decisions back on the borrowing requests", decided, 60, workers)
 
     cancelled = [no for no, d in decisions.items() if d != "APPROVED"]
     agree = ok and all(no not in items() or items()[no][2] == "CANCELLED" for no in cancelled)

@@ -3,7 +3,9 @@
 This VM's speed drifts by ±25% between runs (sometimes within minutes), so a single run of each
 revision compares the machine, not the code. Here each revision gets a git worktree of its own
 (sharing this tree's virtualenv), and each round runs A then B with a fresh pipeline: captures, one
-worker, a 200-form warm-up, then the phases.
+worker, a 200-form warm-up, then the phases. ``--setup-a`` / ``--setup-b`` run a side otherwise:
+``audit=separate`` (the audit agent in a worker of its own), ``audit=off``, ``workers=2`` (two workers
+sharing the partitions) — so one revision can be compared with itself in two setups.
 
     python -m benchmarks.ab_pipeline 45eaca5 HEAD --rounds 3 --phases steady:1000:20,burst:3000
 
@@ -73,6 +75,37 @@ def parse_phases(text: str) -> list[Phase]:
     return phases
 
 
+AUDIT_MODES = ("in-worker", "separate", "off")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How a side's pipeline runs: where the audit agent runs, how many workers share the work."""
+
+    audit: str = "in-worker"
+    workers: int = 1
+
+    @property
+    def name(self) -> str:
+        return "" if self == Setup() else f"audit={self.audit},workers={self.workers}"
+
+
+def parse_setup(text: str) -> Setup:
+    """``audit=separate,workers=2`` → a :class:`Setup` (empty: the defaults); a clear error else."""
+    fields: dict[str, Any] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, value = part.partition("=")
+        if name == "audit" and value in AUDIT_MODES:
+            fields["audit"] = value
+        elif name == "workers" and value.isdigit() and int(value) >= 1:
+            fields["workers"] = int(value)
+        else:
+            raise ValueError(
+                f"setup {part!r}: expected audit=<{'|'.join(AUDIT_MODES)}> or workers=<n ≥ 1>, comma-separated"
+            )
+    return Setup(**fields)
+
+
 def summarise(runs: Sequence[dict[str, Any]], labels: Sequence[str]) -> list[str]:
     """One line per revision and phase: every run's figure in order, then the worker's CPU per row
     change (the figure the VM's drift moves least)."""
@@ -95,7 +128,7 @@ def summarise(runs: Sequence[dict[str, Any]], labels: Sequence[str]) -> list[str
 # ------------------------------------------------------------------------------ one run (child)
 
 
-def run_phases(phases: list[Phase]) -> dict[str, Any]:
+def run_phases(phases: list[Phase], setup: Setup = Setup()) -> dict[str, Any]:
     """One fresh pipeline of this tree's code: warm-up, then the phases (run in a child process
     whose PYTHONPATH is the revision's worktree)."""
     from archsync.logs import configure_logging
@@ -114,7 +147,7 @@ def run_phases(phases: list[Phase]) -> dict[str, Any]:
     configure_logging("WARNING")
     tag = uuid.uuid4().hex[:8]
     warm = f"{tag}w"
-    p = start_pipeline(load_settings(), tag, "in-worker")
+    p = start_pipeline(load_settings(), tag, setup.audit, setup.workers)
     out: dict[str, Any] = {}
     try:
         write_forms(p, warm, 0, WARM_UP_FORMS)  # JIT, caches, first connections: not measured
@@ -152,12 +185,12 @@ def _worktree(rev: str, base: Path) -> Path:
     return path
 
 
-def _run_child(tree: Path, phases: str) -> dict[str, Any]:
+def _run_child(tree: Path, phases: str, setup: Setup) -> dict[str, Any]:
     # this file runs the phases (an older revision may not have it); the revision's code, on the
     # path first, is what runs: its harness, its pipeline, its worker
     env = {**os.environ, "PYTHONPATH": str(tree)}
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", "--phases", phases],
+        [sys.executable, str(Path(__file__).resolve()), "--child", "--phases", phases, "--setup", setup.name],
         cwd=tree,
         env=env,
         stdout=subprocess.PIPE,
@@ -174,27 +207,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("revisions", nargs="*", help="two revisions, A then B (WORKTREE: this tree as it is)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of A then B (default 2)")
     parser.add_argument("--phases", default="steady:1000:20,burst:3000", help="default steady:1000:20,burst:3000")
+    for side in ("a", "b"):
+        parser.add_argument(
+            f"--setup-{side}",
+            default="",
+            help=f"how {side.upper()} runs, e.g. audit=separate,workers=2 (default audit=in-worker,workers=1)",
+        )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--setup", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         phases = parse_phases(args.phases)
+        setups = [parse_setup(args.setup_a), parse_setup(args.setup_b)]
+        child_setup = parse_setup(args.setup)
     except ValueError as exc:
         parser.error(str(exc))
     if args.child:
-        print(json.dumps(run_phases(phases), default=str))
+        print(json.dumps(run_phases(phases, child_setup), default=str))
         return 0
     if len(args.revisions) != 2 or args.rounds < 1:
         parser.error("give two revisions (A and B) and --rounds of at least 1")
     base = Path(tempfile.mkdtemp(prefix="archsync-ab-"))
-    labels = [f"A {args.revisions[0]}", f"B {args.revisions[1]}"]
+    labels = [
+        " ".join(filter(None, [f"{side} {rev}", setup.name]))
+        for side, rev, setup in zip("AB", args.revisions, setups, strict=True)
+    ]
     trees = [_worktree(rev, base) for rev in args.revisions]
     runs: list[dict[str, Any]] = []
     started = time.monotonic()
     try:
         for round_no in range(1, args.rounds + 1):
-            for label, tree in zip(labels, trees, strict=True):
+            for label, tree, setup in zip(labels, trees, setups, strict=True):
                 print(f"[ab] round {round_no}/{args.rounds}: {label}", file=sys.stderr, flush=True)
-                runs.append({"label": label, "round": round_no, "phases": _run_child(tree, args.phases)})
+                runs.append({"label": label, "round": round_no, "phases": _run_child(tree, args.phases, setup)})
     finally:
         for tree in trees:
             if tree != REPO:
@@ -203,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "ab_pipeline",
         "revisions": dict(zip(labels, args.revisions, strict=True)),
+        "setups": {label: {"audit": s.audit, "workers": s.workers} for label, s in zip(labels, setups, strict=True)},
         "phases": args.phases,
         "rounds": args.rounds,
         "minutes": round((time.monotonic() - started) / 60, 1),

@@ -1,8 +1,10 @@
 """The A/B benchmark's phase syntax and its summary (pure; the runs themselves need the services)."""
 
+import re
+
 import pytest
 
-from benchmarks.ab_pipeline import Phase, parse_phases, summarise
+from benchmarks.ab_pipeline import Phase, Setup, parse_phases, parse_setup, summarise
 
 
 def test_phases_parse_in_order_with_clear_errors() -> None:
@@ -38,3 +40,13 @@ def test_summary_lists_each_revision_s_runs_in_order() -> None:
     assert lines[1].startswith("steady:1000:20     B y        p99 4,800 ms")
     assert lines[2].startswith("burst:3000         A x        857 / 882 row changes/s")
     assert len(lines) == 4
+
+
+def test_setups_parse_with_defaults_and_clear_errors() -> None:
+    assert parse_setup("") == Setup() and Setup().name == ""
+    both = parse_setup("audit=separate, workers=2")
+    assert both == Setup("separate", 2) and both.name == "audit=separate,workers=2"
+    assert parse_setup("workers=3") == Setup("in-worker", 3)
+    for bad in ("audit=elsewhere", "workers=0", "workers=two", "cores=2"):
+        with pytest.raises(ValueError, match=re.escape("expected audit=<in-worker|separate|off> or workers=<n ≥ 1>")):
+            parse_setup(bad)

@@ -28,7 +28,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,8 @@ def parse_phases(text: str) -> list[Phase]:
     return phases
 
 
+# bench_pipeline.AUDIT_MODES, which start_pipeline takes; not imported here: the driver loads no
+# harness, each revision's own runs in its child (tests/unit/test_ab_pipeline.py keeps them equal)
 AUDIT_MODES = ("in-worker", "separate", "off")
 
 
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "ab_pipeline",
         "revisions": dict(zip(labels, args.revisions, strict=True)),
-        "setups": {label: {"audit": s.audit, "workers": s.workers} for label, s in zip(labels, setups, strict=True)},
+        "setups": {label: asdict(setup) for label, setup in zip(labels, setups, strict=True)},
         "phases": args.phases,
         "rounds": args.rounds,
         "minutes": round((time.monotonic() - started) / 60, 1),

@@ -50,3 +50,9 @@ def test_setups_parse_with_defaults_and_clear_errors() -> None:
     for bad in ("audit=elsewhere", "workers=0", "workers=two", "cores=2"):
         with pytest.raises(ValueError, match=re.escape("expected audit=<in-worker|separate|off> or workers=<n ≥ 1>")):
             parse_setup(bad)
+
+
+def test_setup_audit_modes_are_the_harness_s() -> None:
+    from benchmarks import ab_pipeline, bench_pipeline
+
+    assert ab_pipeline.AUDIT_MODES == bench_pipeline.AUDIT_MODES
